@@ -1,0 +1,213 @@
+"""The `curate` command line: argument parsing, logging and exit codes; the work is in the API.
+
+Exit codes: 0 success, 1 a run that failed, 2 a usage or input error. Errors go to stderr.
+Heavy libraries (keras, fiftyone) are imported inside the subcommand that needs them, so
+`curate --help` and `curate scan` start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from curate.io import CurateError
+
+log = logging.getLogger("curate")
+
+
+def _add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
+    # Subcommands suppress the default so `curate -q scan` and `curate scan -q` both work.
+    default = False if top else argparse.SUPPRESS
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-v", "--verbose", action="store_true", default=default, help="print debug messages")
+    g.add_argument("-q", "--quiet", action="store_true", default=default,
+                   help="print only warnings and errors, no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="curate",
+        description="Audit and clean an image-classification dataset (one folder per class): "
+        "scan, flag, review in FiftyOne, export a cleaned manifest, retrain and report.",
+    )
+    _add_common(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("fetch", help="put the flower_photos dataset in place (download or copy)")
+    p.add_argument("--from", dest="source", metavar="PATH",
+                   help="a folder of class folders or a .tgz to use instead of downloading")
+    p.add_argument("--dest", default="flower_photos", help="where to put the dataset (default: flower_photos)")
+    _add_common(p)
+
+    p = sub.add_parser("scan", help="hash, decode and check every image; write manifest.csv")
+    p.add_argument("data", metavar="DATA", help="dataset folder: one sub-folder per class")
+    p.add_argument("--out", metavar="DIR", help="run folder (default: reports/<dataset name>/)")
+    p.add_argument("--workers", type=int, metavar="N", help="worker processes (default: all cores)")
+    p.add_argument("--engine", choices=["local", "dask"], default="local",
+                   help="local process pool (default) or Dask tasks")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="with --engine dask: an existing Dask scheduler (default: a LocalCluster)")
+    p.add_argument("--no-cache", action="store_true", help="ignore the per-file cache of earlier scans")
+    _add_common(p)
+
+    p = sub.add_parser("flag", help="score every photo for label issues and off-class content")
+    p.add_argument("--run", metavar="DIR", help="run folder written by `curate scan`")
+    p.add_argument("--folds", type=int, default=5, metavar="K", help="cross-validation folds (default: 5)")
+    p.add_argument("--embeddings", default=None, metavar="NAME",
+                   help="representation: 'vit' (own ViT, K-fold; the offline default), "
+                   "'keras:<keras.applications name>' (pretrained ImageNet weights), or 'features'")
+    p.add_argument("--fast", action="store_true", help="cheap features only (minutes, less accurate)")
+    _add_common(p)
+
+    p = sub.add_parser("app", help="build the FiftyOne dataset and its saved views; launch the App")
+    p.add_argument("--run", metavar="DIR", help="run folder")
+    p.add_argument("--port", type=int, default=5151, help="App port (default: 5151)")
+    p.add_argument("--address", default="127.0.0.1", help="App address (default: 127.0.0.1)")
+    p.add_argument("--no-launch", action="store_true", help="only build or update the dataset")
+    _add_common(p)
+
+    p = sub.add_parser("review-status", help="how many flagged samples have been reviewed in the App")
+    p.add_argument("--run", metavar="DIR", help="run folder")
+    _add_common(p)
+
+    p = sub.add_parser("export", help="write cleaned.csv and removed.csv by a named policy")
+    p.add_argument("--run", metavar="DIR", help="run folder")
+    p.add_argument("--policy", default="default", metavar="NAME", help="cleaning policy; `--policy list` lists them")
+    p.add_argument("--out", metavar="CSV", help="cleaned manifest path (default: <run>/cleaned.csv)")
+    _add_common(p)
+
+    p = sub.add_parser("train", help="train the Keras ViT on a manifest")
+    p.add_argument("--manifest", required=True, metavar="CSV", help="manifest with filepath, label (, split)")
+    p.add_argument("--data", required=True, metavar="DATA", help="data root the manifest's paths are relative to")
+    p.add_argument("--out", required=True, metavar="DIR", help="where to write the model, logs and metrics")
+    p.add_argument("--preset", default="cpu", choices=["seed", "cpu", "gpu", "tiny"], help="recipe (default: cpu)")
+    p.add_argument("--epochs", type=int, metavar="N", help="override the preset's epochs")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default: 0)")
+    p.add_argument("--limit", type=int, metavar="N", help="train on a stratified sample of N rows")
+    _add_common(p)
+
+    p = sub.add_parser("predict", help="print the predicted class and probabilities of images")
+    p.add_argument("model", metavar="MODEL", help="a .keras model written by `curate train`")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    _add_common(p)
+
+    p = sub.add_parser("compare", help="train on raw and cleaned manifests; compare on the same test photos")
+    p.add_argument("--raw", required=True, metavar="MANIFEST")
+    p.add_argument("--clean", required=True, metavar="CLEANED")
+    p.add_argument("--data", metavar="DATA", help="data root (default: the run's scanned folder)")
+    p.add_argument("--run", metavar="DIR", help="run folder to write compare.json into")
+    p.add_argument("--preset", default="cpu", choices=["seed", "cpu", "gpu", "tiny"])
+    p.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds per manifest (default: 3)")
+    p.add_argument("--epochs", type=int, metavar="N", help="override the preset's epochs")
+    _add_common(p)
+
+    p = sub.add_parser("report", help="write index.html, report.md and metrics.json for a run")
+    p.add_argument("--run", metavar="DIR", help="run folder")
+    _add_common(p)
+
+    p = sub.add_parser("preview", help="contact sheets: numbered thumbnail grids per class, flag or cluster")
+    p.add_argument("--run", metavar="DIR", help="run folder")
+    p.add_argument("--by", choices=["label", "flag", "cluster"], default="label")
+    p.add_argument("--only", metavar="FLAG", help="only photos carrying this flag")
+    _add_common(p)
+
+    p = sub.add_parser("run", help="the main job: fetch, scan, flag, export, compare, report")
+    p.add_argument("data", nargs="?", default="flower_photos", metavar="DATA",
+                   help="dataset folder (default: flower_photos, fetched if missing)")
+    p.add_argument("--from", dest="source", metavar="PATH", help="where to fetch the dataset from if missing")
+    p.add_argument("--out", metavar="DIR", help="run folder (default: reports/<dataset name>/)")
+    p.add_argument("--fast", action="store_true", help="flag with cheap features")
+    p.add_argument("--preset", default="cpu", choices=["seed", "cpu", "gpu", "tiny"])
+    p.add_argument("--seeds", type=int, default=3, metavar="N")
+    p.add_argument("--skip-compare", action="store_true", help="do not retrain (no before/after accuracy)")
+    _add_common(p)
+    return parser
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    progress = not args.quiet
+    cmd = args.command
+    if cmd == "fetch":
+        from curate.fetch import fetch
+
+        dest = fetch(args.source, Path(args.dest), progress=progress)
+        print(dest)
+    elif cmd == "scan":
+        from curate.scan import scan
+
+        scan(args.data, out=args.out, workers=args.workers, engine=args.engine, scheduler=args.scheduler,
+             use_cache=not args.no_cache, progress=progress)
+    elif cmd == "flag":
+        from curate.labels import flag
+
+        flag(args.run, folds=args.folds, embeddings=args.embeddings, fast=args.fast, progress=progress)
+    elif cmd == "app":
+        from curate.fiftyone_bridge import app
+
+        app(args.run, port=args.port, address=args.address, launch=not args.no_launch)
+    elif cmd == "review-status":
+        from curate.fiftyone_bridge import review_status
+
+        print(review_status(args.run))
+    elif cmd == "export":
+        from curate.export import export
+
+        export(args.run, policy=args.policy, out=args.out)
+    elif cmd == "train":
+        from train.fit import train
+
+        train(args.manifest, args.data, args.out, preset=args.preset, epochs=args.epochs,
+              seed=args.seed, limit=args.limit, progress=progress)
+    elif cmd == "predict":
+        from train.fit import predict_images
+
+        for line in predict_images(args.model, args.images):
+            print(line)
+    elif cmd == "compare":
+        from curate.compare import compare
+
+        compare(args.raw, args.clean, data=args.data, run=args.run, preset=args.preset,
+                seeds=args.seeds, epochs=args.epochs, progress=progress)
+    elif cmd == "report":
+        from curate.report import report
+
+        print(report(args.run))
+    elif cmd == "preview":
+        from curate.preview import preview
+
+        for path in preview(args.run, by=args.by, only=args.only):
+            print(path)
+    elif cmd == "run":
+        from curate.pipeline import run
+
+        run(args.data, source=args.source, out=args.out, fast=args.fast, preset=args.preset,
+            seeds=args.seeds, compare=not args.skip_compare, progress=progress)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    _setup_logging(args)
+    try:
+        return _dispatch(args)
+    except CurateError as exc:
+        print(f"curate {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"curate {args.command}: interrupted; finished outputs are kept, rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Run-folder I/O shared by every stage: atomic writes, the run lock, manifest reading.
+
+Every output is written to a temporary file in the same folder and renamed into place,
+so an interrupted run never leaves a half-written file where a finished one should be.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+REPORTS_DIR = Path("reports")
+
+
+class CurateError(Exception):
+    """An error the user can act on. `exit_code` 2 = bad usage or input, 1 = the run failed."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def atomic_write_csv(path: str | os.PathLike, df: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike, stage: str) -> Iterator[None]:
+    """Hold an exclusive lock on `run_dir` so two runs never write the same outputs.
+
+    The lock is an OS-level `flock`, so a killed process releases it automatically.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = run_dir / ".lock"
+    f = open(lock_path, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise CurateError(
+                f"{run_dir}: another curate run is using this folder ({holder}); "
+                "wait for it to finish or choose another --out/--run folder"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"curate {stage}, pid {os.getpid()}")
+        f.flush()
+        yield
+    finally:
+        f.close()
+
+
+def default_run_dir(data: str | os.PathLike) -> Path:
+    """`reports/<dataset folder name>/`, the run folder every stage defaults to."""
+    return REPORTS_DIR / Path(os.path.abspath(data)).name
+
+
+def resolve_run_dir(run: str | os.PathLike | None) -> Path:
+    """The run folder a stage should use: `run` if given, else the only one under reports/."""
+    if run is not None:
+        run_dir = Path(run)
+        if not (run_dir / "manifest.csv").exists():
+            raise CurateError(f"{run_dir}: no manifest.csv here; run `curate scan DATA --out {run_dir}` first")
+        return run_dir
+    candidates = sorted(p.parent for p in REPORTS_DIR.glob("*/manifest.csv"))
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise CurateError("no run folder found under reports/; run `curate scan DATA` first or pass --run DIR")
+    names = ", ".join(str(c) for c in candidates)
+    raise CurateError(f"several run folders under reports/ ({names}); choose one with --run DIR")
+
+
+def data_root_of(run_dir: str | os.PathLike) -> Path:
+    """The dataset folder a run was scanned from (recorded by `curate scan` in scan.json)."""
+    scan_json = Path(run_dir) / "scan.json"
+    if not scan_json.exists():
+        raise CurateError(f"{scan_json}: missing; run `curate scan DATA --out {run_dir}` first")
+    return Path(read_json(scan_json)["data"])
+
+
+def read_manifest(path: str | os.PathLike, required: Sequence[str] = ("filepath", "label")) -> pd.DataFrame:
+    """Read a manifest CSV with string columns kept as strings; check the `required` columns."""
+    path = Path(path)
+    if not path.exists():
+        raise CurateError(f"{path}: manifest not found")
+    try:
+        df = pd.read_csv(path, dtype={"filepath": str, "label": str, "sha256": str, "phash": str,
+                                      "dhash": str, "flags": str, "error": str, "dup_group": str,
+                                      "split": str},
+                         keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise CurateError(f"{path}: not a readable CSV manifest ({exc})") from None
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise CurateError(f"{path}: manifest lacks required column(s) {', '.join(missing)}")
+    for col in ("flags", "error", "dup_group"):
+        if col in df.columns:
+            df[col] = df[col].fillna("")
+    return df
+
+
+def safe_relpath(root: Path, relpath: str) -> Path:
+    """Join a manifest's relative `filepath` to `root`, refusing anything that escapes it."""
+    if not isinstance(relpath, str) or not relpath:
+        raise CurateError(f"empty filepath in manifest (root {root})")
+    if os.path.isabs(relpath):
+        raise CurateError(f"{relpath}: absolute path in manifest; paths must be relative to {root}")
+    root_abs = Path(os.path.abspath(root))
+    full = Path(os.path.abspath(root_abs / relpath))
+    if full != root_abs and root_abs not in full.parents:
+        raise CurateError(f"{relpath}: path escapes the data root {root}")
+    return full
+
+
+def flags_of(cell: str) -> list[str]:
+    """Split a manifest `flags` cell ('a;b') into issue names."""
+    return [f for f in str(cell or "").split(";") if f]
+
+
+def add_flag(cell: str, flag: str) -> str:
+    """Add `flag` to a `flags` cell, keeping order and no duplicates."""
+    names = flags_of(cell)
+    if flag not in names:
+        names.append(flag)
+    return ";".join(names)
