@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", metavar="DIR", help="run folder")
     p.add_argument("--policy", default="default", metavar="NAME", help="cleaning policy; `--policy list` lists them")
     p.add_argument("--out", metavar="CSV", help="cleaned manifest path (default: <run>/cleaned.csv)")
+    p.add_argument("--columns", metavar="COL,COL", default="",
+                   help="manifest columns to add to cleaned.csv after filepath,label,split (e.g. sha256,label_quality)")
     _add_common(p)
 
     p = sub.add_parser("train", help="train the Keras ViT on a manifest")
@@ -159,7 +161,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif cmd == "export":
         from curate.export import export
 
-        export(args.run, policy=args.policy, out=args.out)
+        export(args.run, policy=args.policy, out=args.out, columns=[c for c in args.columns.split(",") if c])
     elif cmd == "train":
         from train.fit import train
 
