@@ -1,0 +1,456 @@
+"""`curate scan`: walk a dataset, read and check every image once, write the manifest.
+
+One pure function, `scan_file(root, relpath, config)`, does all the per-file work (read the
+bytes, sha256, decode once at reduced size, pHash/dHash, quality metrics, integrity and
+absolute-threshold flags), so a process pool here or a Dask task elsewhere can call it. `scan`
+adds what needs the whole dataset: data-relative thresholds (curate.quality) and duplicate
+groups (curate.duplicates), then writes `manifest.csv`, `duplicates.csv` and `scan.json`
+atomically into the run folder. A per-file cache keyed by (path, size, mtime) under the run
+folder makes a re-scan only re-read what changed. DATA is only ever read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import pickle
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from curate.io import CurateError, atomic_path, atomic_write_csv, atomic_write_json, default_run_dir, run_lock
+from curate.quality import QualityBounds, data_relative_flags, data_thresholds, image_metrics
+
+log = logging.getLogger("curate.scan")
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+MANIFEST_COLUMNS = ["filepath", "label", "bytes", "sha256", "format", "width", "height", "mode", "phash", "dhash",
+                    "blur", "brightness", "contrast", "entropy", "dup_group", "flags", "error"]
+
+ISSUES = ["corrupt", "truncated", "not_image", "exact_duplicate", "near_duplicate", "cross_label_duplicate", "tiny",
+          "odd_aspect_ratio", "blurry", "dark", "bright", "low_information", "grayscale"]
+
+CACHE_NAME = ".scan_cache.pkl"
+_CACHE_VERSION = 1
+
+# Magic numbers of the formats we scan: a file that starts like an image but will not open is
+# `corrupt`; one that does not even start like an image is `not_image`.
+_GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+_IMAGE_MAGIC = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """Every threshold `curate scan` uses (written to scan.json with the counts).
+
+    decode_size: JPEGs are decoded with libjpeg's DCT scaling (1/2, 1/4, 1/8) to the smallest size
+        whose sides stay >= this many pixels; other formats are reduced by the same power-of-two
+        rule after decoding. Hashes and metrics are computed on that working image.
+    near_distance: pHash Hamming distance (bits of 64) up to which two images are near duplicates.
+    tiny_side: images whose shorter side is below this (in original pixels) are `tiny`.
+    odd_aspect: long side / short side above this is `odd_aspect_ratio`.
+    grayscale_chroma: mean absolute channel difference (grey levels) below which an RGB image is `grayscale`.
+    max_pixels: larger images are reported, not decoded (default: Pillow's decompression-bomb error limit).
+    quality: data-relative bounds for blurry / dark / bright / low_information (curate.quality).
+    """
+
+    decode_size: int = 64
+    near_distance: int = 4
+    tiny_side: int = 64
+    odd_aspect: float = 3.0
+    grayscale_chroma: float = 2.0
+    max_pixels: int = 2 * Image.MAX_IMAGE_PIXELS
+    quality: QualityBounds = field(default_factory=QualityBounds)
+
+    def fingerprint(self) -> str:
+        """A digest of the settings that shape per-file results (the cache is valid only for the same one)."""
+        per_file = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("near_distance", "quality")}
+        return hashlib.sha256(json.dumps(per_file, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- per-file work (pure)
+
+def _dct_rows(n: int, k: int) -> np.ndarray:
+    """First k rows of the unnormalised DCT-II matrix (scipy.fftpack.dct's default), for n samples."""
+    idx = np.arange(n)
+    return 2.0 * np.cos(np.pi * np.outer(np.arange(k), 2 * idx + 1) / (2 * n))
+
+
+_DCT_32x8 = _dct_rows(32, 8)
+
+
+def image_hashes(gray: Image.Image) -> tuple[str, str]:
+    """(phash, dhash) of a grey PIL image as 16-hex-digit strings, equal to imagehash.phash / imagehash.dhash.
+
+    Same steps as imagehash 4.3 (LANCZOS resize to 32x32 / 9x8, DCT of rows and columns, top-left
+    8x8 against its median; horizontal gradient signs), with the DCT as a matrix product so the
+    scan does not pay for importing scipy. tests/test_scan.py checks equality on real photos.
+    """
+    small = np.asarray(gray.resize((32, 32), Image.LANCZOS), dtype=np.float64)
+    low = _DCT_32x8 @ small @ _DCT_32x8.T
+    phash = low > np.median(low)
+    tiny = np.asarray(gray.resize((9, 8), Image.LANCZOS))
+    dhash = tiny[:, 1:] > tiny[:, :-1]
+    return _bits_to_hex(phash), _bits_to_hex(dhash)
+
+
+def _bits_to_hex(bits: np.ndarray) -> str:
+    return np.packbits(bits.ravel()).tobytes().hex()
+
+
+def _empty_row(relpath: str) -> dict[str, Any]:
+    nan = float("nan")
+    return {"filepath": relpath, "label": relpath.split("/", 1)[0], "bytes": 0, "sha256": "", "format": "",
+            "width": 0, "height": 0, "mode": "", "phash": "", "dhash": "", "blur": nan, "brightness": nan,
+            "contrast": nan, "entropy": nan, "dup_group": "", "flags": "", "error": ""}
+
+
+def _fail(row: dict[str, Any], flag: str, reason: str) -> dict[str, Any]:
+    row["flags"] = flag
+    row["error"] = reason
+    return row
+
+
+def _to_working_rgb(im: Image.Image, decode_size: int) -> Image.Image:
+    """The decoded image as 8-bit RGB, reduced by a power of two towards `decode_size` if it was not drafted."""
+    factor = 1
+    while factor < 8 and min(im.size) // (factor * 2) >= decode_size:
+        factor *= 2
+    if factor > 1:
+        im = im.reduce(factor)
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # 16-bit / float: scale to 0..255 (Pillow's own conversion would clip everything above 255 to white)
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 255.0)
+        im = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), "L")
+    if im.mode != "RGB":
+        im = im.convert("RGBA").convert("RGB") if im.mode == "P" else im.convert("RGB")
+    return im
+
+
+def scan_file(root: str | os.PathLike, relpath: str, config: ScanConfig) -> dict[str, Any]:
+    """Read, hash, decode and measure one file; never raises for a bad file.
+
+    In: the data root, the file's POSIX path relative to it (first component = label), the config.
+    Out: one manifest row (MANIFEST_COLUMNS) with the per-file flags (corrupt, truncated,
+    not_image, tiny, odd_aspect_ratio, grayscale) and `error` saying why a file could not be read.
+    """
+    row = _empty_row(relpath)
+    path = os.path.join(root, relpath)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        return _fail(row, "corrupt", f"cannot read file: {exc.strerror or exc}")
+    row["bytes"] = len(data)
+    row["sha256"] = hashlib.sha256(data).hexdigest()
+    if not data:
+        return _fail(row, "corrupt", "empty file (0 bytes)")
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        return _fail(row, "corrupt", f"too large to decode safely: {exc}")
+    except UnidentifiedImageError:
+        if data.startswith(_IMAGE_MAGIC):
+            return _fail(row, "corrupt", "image header is unreadable (corrupt file)")
+        return _fail(row, "not_image", "not an image: no known image format")
+    except (OSError, SyntaxError, ValueError) as exc:
+        return _fail(row, "corrupt", f"cannot open image: {exc}")
+
+    with im:
+        row["format"] = im.format or ""
+        row["mode"] = im.mode
+        width, height = im.size
+        row["width"], row["height"] = width, height
+        if width * height > config.max_pixels:
+            return _fail(row, "corrupt", f"too large to decode safely: {width}x{height} = {width * height} pixels "
+                                         f"exceeds the limit of {config.max_pixels}")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. "Palette images with Transparency": handled below
+                if im.format == "JPEG":
+                    im.draft("RGB", (config.decode_size, config.decode_size))
+                im.load()
+                rgb = _to_working_rgb(im, config.decode_size)
+        except OSError as exc:
+            flag = "truncated" if "truncat" in str(exc).lower() else "corrupt"
+            return _fail(row, flag, f"cannot decode image: {exc}")
+        except (SyntaxError, ValueError, MemoryError, Image.DecompressionBombError) as exc:
+            return _fail(row, "corrupt", f"cannot decode image: {exc}")
+
+    gray = rgb.convert("L")
+    row["phash"], row["dhash"] = image_hashes(gray)
+    metrics = image_metrics(np.asarray(gray), np.asarray(rgb))
+    for key in ("blur", "brightness", "contrast", "entropy"):
+        row[key] = metrics[key]
+
+    flags = []
+    if row["format"] == "JPEG" and not data.rstrip(b"\x00\r\n\t ").endswith(b"\xff\xd9"):
+        flags.append("truncated")
+        row["error"] = "JPEG end-of-image marker missing: the file was cut short"
+    if min(width, height) < config.tiny_side:
+        flags.append("tiny")
+    if max(width, height) > config.odd_aspect * min(width, height):
+        flags.append("odd_aspect_ratio")
+    if row["mode"] in _GREY_MODES or metrics["chroma"] < config.grayscale_chroma:
+        flags.append("grayscale")
+    row["flags"] = ";".join(flags)
+    return row
+
+
+# ---------------------------------------------------------------- walking DATA
+
+@dataclass
+class Walk:
+    """What a walk of DATA found: (relpath, size, mtime_ns) of each candidate image, and what it left out."""
+
+    files: list[tuple[str, int, int]] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+    empty_classes: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    other_files: int = 0  # files in class folders without an image extension (ignored)
+
+
+def _inside(path: str, root_real: str) -> bool:
+    real = os.path.realpath(path)
+    return real == root_real or real.startswith(root_real + os.sep)
+
+
+def walk_data(root: Path) -> Walk:
+    """List the images below `root` (class = first-level folder); never follows a link out of `root`.
+
+    Symlinked folders are not descended into (they would repeat or escape the data); a symlinked
+    file is scanned only if its target lies inside `root`. Hidden files and folders are ignored.
+    """
+    walk = Walk()
+    root_real = os.path.realpath(root)
+
+    def visit(dir_path: str, rel: str) -> Iterator[tuple[str, int, int]]:
+        try:
+            entries = sorted(os.scandir(dir_path), key=lambda e: e.name)
+        except OSError as exc:
+            walk.skipped.append({"path": rel, "reason": f"cannot list folder: {exc.strerror or exc}"})
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            relpath = f"{rel}/{entry.name}"
+            if entry.is_symlink():
+                if entry.is_dir():
+                    walk.skipped.append({"path": relpath, "reason": "symlinked folder, not followed"})
+                    continue
+                if not _inside(entry.path, root_real):
+                    walk.skipped.append({"path": relpath, "reason": "symlink pointing outside DATA, not followed"})
+                    continue
+            if entry.is_dir():
+                yield from visit(entry.path, relpath)
+            elif entry.is_file():
+                if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
+                    walk.other_files += 1
+                    continue
+                st = entry.stat()
+                yield relpath, st.st_size, st.st_mtime_ns
+            else:
+                walk.skipped.append({"path": relpath, "reason": "not a regular file or folder (broken link?)"})
+
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_symlink() and entry.is_dir():
+            walk.skipped.append({"path": entry.name, "reason": "symlinked class folder, not followed"})
+            continue
+        if entry.is_dir():
+            walk.classes.append(entry.name)
+            before = len(walk.files)
+            walk.files.extend(visit(entry.path, entry.name))
+            if len(walk.files) == before:
+                walk.empty_classes.append(entry.name)
+        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+            walk.skipped.append({"path": entry.name, "reason": "image outside any class folder (no label)"})
+    return walk
+
+
+# ---------------------------------------------------------------- the cache
+
+def _load_cache(run_dir: Path, config: ScanConfig) -> dict[tuple[str, int, int], dict[str, Any]]:
+    path = run_dir / CACHE_NAME
+    if not path.exists():
+        return {}
+    try:
+        with open(path, "rb") as f:
+            blob = pickle.load(f)
+        if blob.get("version") == _CACHE_VERSION and blob.get("config") == config.fingerprint():
+            return blob["rows"]
+    except Exception as exc:  # a damaged cache only costs a full re-scan
+        log.warning("%s: ignoring unreadable scan cache (%s)", path, exc)
+    return {}
+
+
+def _save_cache(run_dir: Path, config: ScanConfig, rows: dict[tuple[str, int, int], dict[str, Any]]) -> None:
+    with atomic_path(run_dir / CACHE_NAME) as tmp:
+        with open(tmp, "wb") as f:
+            pickle.dump({"version": _CACHE_VERSION, "config": config.fingerprint(), "rows": rows}, f,
+                        protocol=pickle.HIGHEST_PROTOCOL)
+
+
+# ---------------------------------------------------------------- the scan
+
+def _scan_key(root: str, config: ScanConfig, item: tuple[str, int, int]) -> tuple[tuple[str, int, int], dict]:
+    return item, scan_file(root, item[0], config)
+
+
+def _scan_local(root: Path, todo: list[tuple[str, int, int]], config: ScanConfig, workers: int,
+                progress: bool) -> Iterator[tuple[tuple[str, int, int], dict[str, Any]]]:
+    """Yield (key, row) for every file in `todo`, on a process pool of `workers` (in-process for 1)."""
+    from tqdm import tqdm
+
+    work = partial(_scan_key, str(root), config)
+    bar = tqdm(total=len(todo), unit="img", desc="scan", disable=not progress, smoothing=0.1)
+    try:
+        if workers <= 1 or len(todo) < 2 * workers:
+            for item in todo:
+                yield work(item)
+                bar.update()
+            return
+        # fork: workers inherit the imported modules, so they start in milliseconds
+        ctx = multiprocessing.get_context("fork")
+        chunksize = max(1, min(64, len(todo) // (workers * 8)))
+        with ctx.Pool(workers) as pool:
+            for result in pool.imap_unordered(work, todo, chunksize=chunksize):
+                yield result
+                bar.update()
+    finally:
+        bar.close()
+
+
+def scan(data: str | os.PathLike, out: str | os.PathLike | None = None, workers: int | None = None,
+         engine: str = "local", scheduler: str | None = None, use_cache: bool = True, progress: bool = True,
+         config: ScanConfig | None = None):
+    """Scan the dataset `data` (one folder per class) and write the run folder.
+
+    Writes `<out>/manifest.csv` (one row per image file, MANIFEST_COLUMNS), `<out>/duplicates.csv`
+    and `<out>/scan.json` ({"data", "thresholds", "counts", ...}); `out` defaults to
+    reports/<dataset name>/. `workers` defaults to all cores. `engine="dask"` runs `scan_file`
+    as Dask tasks (on `scheduler` if given). Returns the manifest as a DataFrame.
+    Raises CurateError (exit 2) for a missing or empty DATA or an output folder inside DATA.
+    """
+    import pandas as pd
+
+    from curate.duplicates import DUPLICATE_COLUMNS, find_duplicates
+
+    config = config or ScanConfig()
+    root = Path(os.path.abspath(data))
+    if not root.exists():
+        raise CurateError(f"{data}: no such folder")
+    if not root.is_dir():
+        raise CurateError(f"{data}: not a folder (expected one sub-folder per class)")
+    run_dir = Path(out) if out is not None else default_run_dir(root)
+    if _inside(str(run_dir), os.path.realpath(root)):
+        raise CurateError(f"{run_dir}: the run folder may not be inside DATA ({data}); DATA is never written to")
+    if engine not in ("local", "dask"):
+        raise CurateError(f"unknown engine {engine!r}: choose 'local' or 'dask'")
+    if engine == "dask":
+        raise CurateError("--engine dask: not implemented yet; use --engine local")
+    workers = workers or os.cpu_count() or 1
+    if workers < 1:
+        raise CurateError(f"--workers must be at least 1, not {workers}")
+
+    started = time.perf_counter()
+    with run_lock(run_dir, "scan"):
+        walk = walk_data(root)
+        for item in walk.skipped:
+            log.warning("%s: skipped: %s", item["path"], item["reason"])
+        for name in walk.empty_classes:
+            log.warning("%s: class folder has no images", name)
+        if not walk.files:
+            raise CurateError(f"{data}: no images found (expected DATA/<class>/<image> with extensions "
+                              f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
+
+        cached = _load_cache(run_dir, config) if use_cache else {}
+        rows_by_key = {k: cached[k] for k in walk.files if k in cached}
+        todo = [k for k in walk.files if k not in rows_by_key]
+        log.info("scan: %d files in %d classes, %d from the cache, %d to read", len(walk.files),
+                 len(walk.classes), len(rows_by_key), len(todo))
+        try:
+            for key, row in _scan_local(root, todo, config, workers, progress):
+                rows_by_key[key] = row
+        finally:
+            if todo:  # keep what was done, so an interrupted scan resumes where it stopped
+                _save_cache(run_dir, config, rows_by_key)
+
+        manifest = pd.DataFrame([rows_by_key[k] for k in walk.files], columns=MANIFEST_COLUMNS)
+        manifest = manifest.sort_values("filepath", kind="stable").reset_index(drop=True)
+        for row in manifest.loc[manifest["error"] != "", ["filepath", "error"]].itertuples(index=False):
+            log.warning("%s: %s", row.filepath, row.error)
+
+        thresholds = data_thresholds(manifest[manifest["error"] == ""], config.quality)
+        flag_arrays = data_relative_flags(manifest, thresholds)
+        dup_group, dups, dup_flags = find_duplicates(manifest, config.near_distance)
+        flag_arrays.update(dup_flags)
+        manifest["dup_group"] = dup_group
+        manifest["flags"] = _merge_flags(manifest["flags"].tolist(), flag_arrays)
+
+        counts = {issue: int(sum(issue in f.split(";") for f in manifest["flags"])) for issue in ISSUES}
+        groups = dups.groupby("dup_group")
+        summary = {
+            "data": str(root),
+            "files": len(manifest),
+            "classes": {c: int(n) for c, n in manifest["label"].value_counts().sort_index().items()},
+            "readable": int((manifest["error"] == "").sum()),
+            "flagged": int((manifest["flags"] != "").sum()),
+            "counts": counts,
+            "duplicate_groups": {
+                "groups": int(dups["dup_group"].nunique()),
+                "exact": int(groups["kind"].apply(lambda k: (k == "exact").all()).sum()) if len(dups) else 0,
+                "with_near_members": int(groups["kind"].apply(lambda k: (k == "near").any()).sum()) if len(dups) else 0,
+                "cross_label": int(groups["label"].nunique().gt(1).sum()) if len(dups) else 0,
+                "removable_copies": int((~dups["keep"].astype(bool)).sum()) if len(dups) else 0,
+            },
+            "thresholds": {
+                "near_distance": config.near_distance,
+                "tiny_side": config.tiny_side,
+                "odd_aspect": config.odd_aspect,
+                "grayscale_chroma": config.grayscale_chroma,
+                "max_pixels": config.max_pixels,
+                "decode_size": config.decode_size,
+                "robust_k": config.quality.robust_k,
+                **thresholds,
+            },
+            "empty_classes": walk.empty_classes,
+            "skipped": walk.skipped,
+            "ignored_non_image_files": walk.other_files,
+            "from_cache": len(walk.files) - len(todo),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        atomic_write_csv(run_dir / "manifest.csv", manifest)
+        atomic_write_csv(run_dir / "duplicates.csv", dups if len(dups) else pd.DataFrame(columns=DUPLICATE_COLUMNS))
+        atomic_write_json(run_dir / "scan.json", summary)
+    log.info("scan: %d files, %d flagged, %d duplicate groups -> %s (%.1f s)", len(manifest), summary["flagged"],
+             summary["duplicate_groups"]["groups"], run_dir, summary["seconds"])
+    return manifest
+
+
+def _merge_flags(per_file: list[str], flag_arrays: dict[str, np.ndarray]) -> list[str]:
+    """Per-file flags plus the dataset-level ones, in the canonical ISSUES order."""
+    out = []
+    for i, cell in enumerate(per_file):
+        names = set(cell.split(";")) if cell else set()
+        names.update(name for name, arr in flag_arrays.items() if arr[i])
+        out.append(";".join(n for n in ISSUES if n in names))
+    return out
