@@ -1,0 +1,603 @@
+"""The FiftyOne review loop: a persistent dataset per run, saved views, the App, review tags back out.
+
+This is the only module that imports fiftyone, and it does so lazily (inside functions): importing
+FiftyOne takes seconds and its first database access starts a MongoDB server, so `curate export`
+on a run that was never opened in the App must not pay for it. `<run>/fiftyone.json`, written
+after every build, says which dataset (and which database) holds the run's review tags.
+
+Environment (read by FiftyOne itself; we only set defaults before the first import):
+- FIFTYONE_DO_NOT_TRACK: analytics; `true` unless the user set it.
+- FIFTYONE_DATABASE_DIR: where FiftyOne's bundled MongoDB keeps its data (default ~/.fiftyone/var/lib/mongo).
+- FIFTYONE_DATABASE_URI: use an existing MongoDB instead of the bundled one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import os
+import re
+import socket
+import time
+import urllib.parse
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from curate.io import (
+    CurateError,
+    atomic_write_json,
+    data_root_of,
+    flags_of,
+    read_json,
+    read_manifest,
+    resolve_run_dir,
+    run_lock,
+    safe_relpath,
+)
+
+log = logging.getLogger("curate.fiftyone")
+
+STATE_FILE = "fiftyone.json"
+DATASET_PREFIX = "curate-"
+REVIEW_DECISIONS = ("reject", "keep", "relabel")
+OFF_CLASS_FLAGS = ("off_class", "outlier")
+LOW_QUALITY_FLAGS = ("blurry", "dark", "bright", "low_information", "tiny", "odd_aspect_ratio")
+UNREADABLE_FLAGS = ("corrupt", "truncated", "not_image", "unreadable")
+DUPLICATE_FLAGS = {"exact_duplicates": "exact_duplicate", "near_duplicates": "near_duplicate",
+                   "cross_label_duplicates": "cross_label_duplicate"}
+# Manifest columns shown another way (filepath = the sample, label = ground_truth, flags = tags).
+_HANDLED_COLUMNS = {"filepath", "label", "flags", "dup_group"}
+# Sample fields FiftyOne or this module own; a manifest column of the same name gets a prefix.
+_RESERVED_FIELDS = {"id", "filepath", "tags", "metadata", "media_type", "created_at", "last_modified_at",
+                    "ground_truth", "predictions", "relpath", "mistakenness", "uniqueness", "dup_group",
+                    "dup_group_size", "dup_kind", "dup_keep", "dup_distance"}
+
+
+@dataclass
+class BridgeConfig:
+    """What the dataset build does beyond copying the manifest."""
+
+    brain: bool = True  # mistakenness / uniqueness / PCA visualization from our own predictions and embeddings
+    visualization_method: str = "pca"  # "pca" or "tsne": both work without umap-learn and without a model
+    cluster_view_min_flagged_share: float = 0.5  # a cluster gets its own view when this share is off_class/outlier
+    max_cluster_views: int = 30
+    extra_views: dict[str, Any] = field(default_factory=dict)  # name -> callable(dataset) -> view, for callers
+
+
+def _fiftyone():
+    """Import fiftyone with our defaults: analytics off unless the user chose otherwise."""
+    os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+    import fiftyone as fo
+
+    return fo
+
+
+def _database_description(fo) -> str:
+    if fo.config.database_uri:
+        host = urllib.parse.urlsplit(fo.config.database_uri).hostname or "?"
+        return f"MongoDB at {host} (FIFTYONE_DATABASE_URI)"
+    return f"FiftyOne's bundled MongoDB in {fo.config.database_dir}"
+
+
+def _state(run_dir: Path) -> dict | None:
+    path = run_dir / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        return read_json(path)
+    except ValueError as exc:
+        raise CurateError(f"{path}: not valid JSON ({exc}); delete it and rerun `curate app`") from None
+
+
+def _dataset_name(fo, run_dir: Path) -> str:
+    """`curate-<run folder name>`, with a hash of the path if that name belongs to another run folder."""
+    base = DATASET_PREFIX + re.sub(r"[^\w.-]+", "_", run_dir.resolve().name)
+    if not fo.dataset_exists(base):
+        return base
+    owner = fo.load_dataset(base).info.get("run_dir")
+    if owner in (None, str(run_dir.resolve())):
+        return base
+    return f"{base}-{hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:6]}"
+
+
+def _field_name(column: str) -> str:
+    name = re.sub(r"\W+", "_", column).strip("_") or "column"
+    if name in _RESERVED_FIELDS or name[0].isdigit():
+        name = f"manifest_{name}"
+    return name
+
+
+def _column_values(series: pd.Series) -> tuple[str, list]:
+    """(kind, python values) of a manifest column: kind is int, float, bool or str; missing -> None."""
+    if pd.api.types.is_bool_dtype(series):
+        return "bool", [bool(v) for v in series]
+    if pd.api.types.is_numeric_dtype(series):
+        values = pd.to_numeric(series, errors="coerce").astype(float).to_numpy()
+        finite = values[np.isfinite(values)]
+        if finite.size and np.all(finite == np.round(finite)) and np.all(np.abs(finite) < 2**53):
+            return "int", [int(v) if np.isfinite(v) else None for v in values]
+        return "float", [float(v) if np.isfinite(v) else None for v in values]
+    return "str", [None if (v is None or (isinstance(v, float) and np.isnan(v)) or v == "") else str(v)
+                   for v in series]
+
+
+def _ensure_field(fo, dataset, name: str, kind: str) -> None:
+    """Declare `name` with the type of `kind`, replacing a field of another type left by an earlier build."""
+    ftype = {"int": fo.IntField, "float": fo.FloatField, "bool": fo.BooleanField, "str": fo.StringField}[kind]
+    schema = dataset.get_field_schema()
+    if name in schema and not isinstance(schema[name], ftype):
+        dataset.delete_sample_field(name)
+        schema = {}
+    if name not in schema:
+        dataset.add_sample_field(name, ftype)
+
+
+def _set_by_filepath(dataset, name: str, paths: list[str], values: list) -> None:
+    dataset.set_values(name, dict(zip(paths, values, strict=True)), key_field="filepath")
+
+
+def _oof_predictions(run_dir: Path, n_rows: int, classes: list[str]) -> tuple[np.ndarray | None, list[str]]:
+    """Mean of the run's oof_<model>.npy probabilities (rows = manifest rows, columns = sorted classes)."""
+    probs, models = [], []
+    for path in sorted(run_dir.glob("oof_*.npy")):
+        try:
+            p = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            log.warning("%s: unreadable (%s); predictions skip it", path, exc)
+            continue
+        if p.ndim != 2 or p.shape != (n_rows, len(classes)):
+            log.warning("%s: shape %s, expected (%d rows, %d classes); predictions skip it",
+                        path, p.shape, n_rows, len(classes))
+            continue
+        probs.append(p.astype(np.float64))
+        models.append(path.stem.removeprefix("oof_"))
+    return (np.mean(probs, axis=0) if probs else None), models
+
+
+def _duplicate_columns(run_dir: Path, manifest: pd.DataFrame) -> pd.DataFrame:
+    """dup_kind, dup_keep, dup_distance per manifest row from duplicates.csv (missing -> None)."""
+    out = pd.DataFrame(index=manifest.index, columns=["dup_kind", "dup_keep", "dup_distance"], dtype=object)
+    path = run_dir / "duplicates.csv"
+    if not path.exists():
+        return out
+    try:
+        dups = pd.read_csv(path, dtype={"filepath": str, "kind": str, "dup_group": str}, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        log.warning("%s: unreadable (%s); duplicate details left out", path, exc)
+        return out
+    if "filepath" not in dups.columns:
+        log.warning("%s: no filepath column; duplicate details left out", path)
+        return out
+    dups = dups.drop_duplicates("filepath").set_index("filepath")
+    fp = manifest["filepath"]
+    if "kind" in dups.columns:
+        out["dup_kind"] = fp.map(dups["kind"]).replace("", None)
+    if "keep" in dups.columns:
+        out["dup_keep"] = fp.map(dups["keep"].astype(str).str.lower().map({"true": True, "1": True,
+                                                                          "false": False, "0": False}))
+    if "distance" in dups.columns:
+        out["dup_distance"] = fp.map(pd.to_numeric(dups["distance"], errors="coerce"))
+    return out.astype(object).where(out.notna(), None)
+
+
+def _sync_samples(fo, dataset, paths: list[str], relpaths: list[str], progress: bool) -> tuple[int, int]:
+    """Make the dataset hold exactly one sample per manifest row (keyed by absolute filepath)."""
+    existing = dataset.values("filepath")
+    wanted = set(paths)
+    seen: set[str] = set()
+    stale_dupes = []
+    for sid, fp in zip(dataset.values("id"), existing, strict=True):
+        # a file no longer in the manifest, or a second sample for one file, goes
+        if fp not in wanted or fp in seen:
+            stale_dupes.append(sid)
+        seen.add(fp)
+    if stale_dupes:
+        dataset.delete_samples(stale_dupes)
+    new = [fo.Sample(filepath=p, relpath=r) for p, r in zip(paths, relpaths, strict=True) if p not in seen]
+    if new:
+        dataset.add_samples(new, progress=progress)
+    return len(new), len(stale_dupes)
+
+
+def _tags(old_tags: list[str] | None, flags: list[str], issue_names: set[str]) -> list[str]:
+    """The manifest's issue flags plus every tag a person added (review tags); stale issue tags dropped."""
+    kept = [t for t in (old_tags or []) if t not in issue_names]
+    return kept + [f for f in flags if f not in kept]
+
+
+def build_dataset(run: str | os.PathLike | None, config: BridgeConfig | None = None, progress: bool | None = None):
+    """Create or update the run's persistent FiftyOne dataset; return it (a `fiftyone.Dataset`).
+
+    One sample per manifest row (absolute filepath; `relpath` = the manifest's filepath):
+    `ground_truth` (Classification), `predictions` (Classification with confidence and logits, the
+    mean of the run's oof_<model>.npy, when present), every other manifest column as a field,
+    each issue flag as a sample tag, duplicate details from duplicates.csv, image metadata from
+    the manifest (no file is opened), Brain runs from our own predictions/embeddings, and the
+    saved views. Rerunning adds no duplicate samples, updates fields and keeps review tags.
+    """
+    cfg = config or BridgeConfig()
+    run_dir = resolve_run_dir(run)
+    if progress is None:
+        progress = logging.getLogger("curate").isEnabledFor(logging.INFO)
+    t0 = time.perf_counter()
+    manifest = read_manifest(run_dir / "manifest.csv")
+    if manifest["filepath"].duplicated().any():
+        dup = manifest.loc[manifest["filepath"].duplicated(), "filepath"].iloc[0]
+        raise CurateError(f"{run_dir / 'manifest.csv'}: filepath {dup!r} appears twice")
+    data_root = data_root_of(run_dir)
+    paths = [str(safe_relpath(data_root, fp)) for fp in manifest["filepath"]]
+    fo = _fiftyone()
+    with run_lock(run_dir, "app"):
+        name = _dataset_name(fo, run_dir)
+        dataset = fo.load_dataset(name) if fo.dataset_exists(name) else fo.Dataset(name, persistent=True)
+        dataset.persistent = True
+        _ensure_field(fo, dataset, "relpath", "str")
+        added, removed = _sync_samples(fo, dataset, paths, manifest["filepath"].tolist(), progress)
+        log.info("fiftyone: dataset %s: %d samples added, %d removed", name, added, removed)
+        _set_by_filepath(dataset, "relpath", paths, manifest["filepath"].tolist())
+        _write_fields(fo, dataset, run_dir, manifest, paths)
+        if cfg.brain:
+            _run_brain(fo, dataset, run_dir, manifest, paths, cfg)
+        views = _save_views(fo, dataset, run_dir, manifest, cfg)
+        dataset.info.update({"run_dir": str(run_dir.resolve()), "data_root": str(data_root),
+                             "built_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
+        dataset.save()
+        seconds = time.perf_counter() - t0
+        atomic_write_json(run_dir / STATE_FILE, {
+            "dataset": name, "database": _database_description(fo),
+            "database_dir": None if fo.config.database_uri else fo.config.database_dir,
+            "samples": len(dataset), "views": views, "build_seconds": round(seconds, 2),
+            "built_at": dataset.info["built_at"]})
+    log.info("fiftyone: dataset %s built in %.1f s (%d samples, %d saved views)", name, seconds, len(dataset),
+             len(views))
+    return dataset
+
+
+def _write_fields(fo, dataset, run_dir: Path, manifest: pd.DataFrame, paths: list[str]) -> None:
+    classes = sorted(manifest["label"].dropna().unique().tolist())
+    _set_by_filepath(dataset, "ground_truth", paths,
+                     [fo.Classification(label=str(lab)) if isinstance(lab, str) and lab else None
+                      for lab in manifest["label"]])
+    # Issue tags: what this manifest flags now, plus what earlier builds flagged (so stale ones go).
+    flags = [flags_of(c) for c in manifest.get("flags", pd.Series([""] * len(manifest)))]
+    issue_names = set().union(*flags) | set(dataset.info.get("issue_tags", []))
+    old = dict(zip(dataset.values("filepath"), dataset.values("tags"), strict=True))
+    _set_by_filepath(dataset, "tags", paths, [_tags(old.get(p), f, issue_names) for p, f in zip(paths, flags,
+                                                                                                 strict=True)])
+    dataset.info["issue_tags"] = sorted(set().union(*flags))
+
+    # image metadata from the manifest, so the App lays out the grid without probing every file
+    if {"width", "height"} <= set(manifest.columns):
+        meta = []
+        for w, h, b in zip(pd.to_numeric(manifest["width"], errors="coerce"),
+                           pd.to_numeric(manifest["height"], errors="coerce"),
+                           pd.to_numeric(manifest.get("bytes", pd.Series(np.nan, index=manifest.index)),
+                                         errors="coerce"), strict=True):
+            ok = np.isfinite(w) and np.isfinite(h) and w > 0 and h > 0
+            meta.append(fo.ImageMetadata(width=int(w), height=int(h),
+                                         size_bytes=int(b) if np.isfinite(b) else None) if ok else None)
+        _set_by_filepath(dataset, "metadata", paths, meta)
+
+    dup_group = [None if not g else str(g) for g in manifest.get("dup_group", pd.Series([""] * len(manifest)))]
+    sizes = pd.Series(dup_group).map(pd.Series(dup_group).value_counts())
+    _ensure_field(fo, dataset, "dup_group", "str")
+    _set_by_filepath(dataset, "dup_group", paths, dup_group)
+    _ensure_field(fo, dataset, "dup_group_size", "int")
+    _set_by_filepath(dataset, "dup_group_size", paths, [int(s) if g else None for g, s in zip(dup_group, sizes,
+                                                                                             strict=True)])
+    for col, values in _duplicate_columns(run_dir, manifest).items():
+        kind = {"dup_kind": "str", "dup_keep": "bool", "dup_distance": "float"}[col]
+        _ensure_field(fo, dataset, col, kind)
+        _set_by_filepath(dataset, col, paths, values.tolist())
+
+    for col in manifest.columns:
+        if col in _HANDLED_COLUMNS:
+            continue
+        kind, values = _column_values(manifest[col])
+        name = _field_name(col)
+        _ensure_field(fo, dataset, name, kind)
+        _set_by_filepath(dataset, name, paths, values)
+
+    probs, models = _oof_predictions(run_dir, len(manifest), classes)
+    if probs is None:
+        if "predictions" in dataset.get_field_schema():
+            dataset.delete_sample_field("predictions")
+        return
+    logits = np.log(np.clip(probs, 1e-12, 1.0))  # log-probabilities: valid logits for a softmax
+    best = probs.argmax(axis=1)
+    preds = [None if not np.all(np.isfinite(p)) else
+             fo.Classification(label=classes[k], confidence=float(p[k]), logits=lg)
+             for p, k, lg in zip(probs, best, logits, strict=True)]
+    _set_by_filepath(dataset, "predictions", paths, preds)
+    dataset.info["prediction_models"] = models
+    dataset.info["classes"] = classes
+
+
+def _run_brain(fo, dataset, run_dir: Path, manifest: pd.DataFrame, paths: list[str], cfg: BridgeConfig) -> None:
+    """FiftyOne Brain from our own predictions and embeddings; never a model download."""
+    import fiftyone.brain as fob
+
+    F = fo.ViewField
+    if "predictions" in dataset.get_field_schema():
+        scored = dataset.exists("predictions").exists("ground_truth")
+        fob.compute_mistakenness(scored, "predictions", "ground_truth", use_logits=True, progress=False)
+    emb_path = run_dir / "embeddings.npy"
+    if not emb_path.exists():
+        return
+    emb = np.load(emb_path, allow_pickle=False)
+    if emb.ndim != 2 or emb.shape[0] != len(manifest):
+        log.warning("%s: shape %s does not match the %d manifest rows; Brain uniqueness/visualization skipped",
+                    emb_path, emb.shape, len(manifest))
+        return
+    # Brain wants embeddings in the order it iterates the samples: reorder ours (manifest order) to match.
+    readable = (manifest["error"].fillna("") == "").to_numpy() if "error" in manifest.columns else \
+        np.ones(len(manifest), bool)
+    readable &= np.all(np.isfinite(emb), axis=1)
+    row_of = {p: i for i, p in enumerate(paths)}
+    view = dataset.match(F("filepath").is_in([p for p, ok in zip(paths, readable, strict=True) if ok]))
+    if len(view) < 3:
+        return
+    rows = np.array([row_of[p] for p in view.values("filepath")])
+    X = emb[rows].astype(np.float32)
+    for key in ("uniqueness", "embeddings_" + cfg.visualization_method):
+        if key in dataset.list_brain_runs():
+            dataset.delete_brain_run(key)
+    fob.compute_uniqueness(view, embeddings=X, progress=False)
+    fob.compute_visualization(view, embeddings=X, method=cfg.visualization_method,
+                              brain_key="embeddings_" + cfg.visualization_method, seed=0, progress=False)
+
+
+def _sort_duplicates(view):
+    """Largest groups first, a group's members together, its `keep` member first."""
+    return view.sort_by([("dup_group_size", -1), ("dup_group", 1), ("dup_keep", -1), ("filepath", 1)])
+
+
+def _views(fo, dataset, run_dir: Path, manifest: pd.DataFrame, cfg: BridgeConfig) -> dict:
+    """Saved view name -> view, each sorted so that the worst case comes first."""
+    F = fo.ViewField
+    schema = dataset.get_field_schema()
+    views = {}
+    off = dataset.match_tags(list(OFF_CLASS_FLAGS))
+    if "label_quality" in schema:
+        off = off.sort_by([("label_quality", 1), ("filepath", 1)])
+    elif "mistakenness" in schema:
+        off = off.sort_by([("mistakenness", -1), ("filepath", 1)])
+    views["off_class_candidates"] = off
+
+    # whole duplicate groups (so the `keep` member sits beside the others), for groups with the flag
+    for view_name, flag in DUPLICATE_FLAGS.items():
+        groups = sorted({g for g, c in zip(manifest.get("dup_group", []), manifest.get("flags", []), strict=True)
+                         if g and flag in flags_of(c)})
+        views[view_name] = _sort_duplicates(dataset.match(F("dup_group").is_in(groups)))
+
+    low = dataset.match_tags(list(LOW_QUALITY_FLAGS))
+    n_issues = F("tags").filter(F().is_in(list(LOW_QUALITY_FLAGS))).length()
+    order = [(n_issues, -1)] + ([("blur", 1)] if "blur" in schema else []) + [("filepath", 1)]
+    views["low_quality"] = low.sort_by(order)
+
+    unreadable = F("tags").contains(list(UNREADABLE_FLAGS))
+    if "error" in schema:
+        unreadable = unreadable | ((F("error") != None) & (F("error") != ""))  # noqa: E711 -- a Mongo expression
+    views["unreadable"] = dataset.match(unreadable).sort_by("filepath")
+
+    views.update(_cluster_views(F, dataset, run_dir, manifest, cfg))
+    for name, make in cfg.extra_views.items():
+        views[name] = make(dataset)
+    return views
+
+
+def _cluster_views(F, dataset, run_dir: Path, manifest: pd.DataFrame, cfg: BridgeConfig) -> dict:
+    """One view per within-class cluster that is mostly flagged off_class/outlier (from clusters.csv)."""
+    path = run_dir / "clusters.csv"
+    if not path.exists() or "cluster" not in manifest.columns:
+        return {}
+    try:
+        clusters = pd.read_csv(path, dtype={"label": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        log.warning("%s: unreadable (%s); no cluster views", path, exc)
+        return {}
+    if not {"label", "cluster"} <= set(clusters.columns):
+        log.warning("%s: needs label and cluster columns; no cluster views", path)
+        return {}
+    flagged = manifest["flags"].map(lambda c: any(f in OFF_CLASS_FLAGS for f in flags_of(c)))
+    cluster_ids = pd.to_numeric(manifest["cluster"], errors="coerce")
+    share = flagged.groupby([manifest["label"], cluster_ids]).mean()
+    if "score" in clusters.columns:
+        clusters = clusters.sort_values("score", kind="stable")  # clusters.csv: low score = suspicious
+    out = {}
+    for row in clusters.itertuples(index=False):
+        try:
+            cid = int(row.cluster)
+        except (TypeError, ValueError):
+            continue
+        is_flagged = bool(getattr(row, "flagged", False)) or share.get((row.label, cid), 0.0) >= \
+            cfg.cluster_view_min_flagged_share
+        if not is_flagged:
+            continue
+        view = dataset.match((F("ground_truth.label") == row.label) & (F("cluster") == cid))
+        if "label_quality" in dataset.get_field_schema():
+            view = view.sort_by([("label_quality", 1), ("filepath", 1)])
+        out[f"cluster_{_field_name(str(row.label))}_{cid}"] = view
+        if len(out) >= cfg.max_cluster_views:
+            log.warning("%s: more than %d flagged clusters; views made for the %d lowest scores only",
+                        path, cfg.max_cluster_views, cfg.max_cluster_views)
+            break
+    return out
+
+
+def _save_views(fo, dataset, run_dir: Path, manifest: pd.DataFrame, cfg: BridgeConfig) -> dict[str, int]:
+    """Save the views (replacing earlier versions); drop views an earlier build saved that no longer apply."""
+    views = _views(fo, dataset, run_dir, manifest, cfg)
+    for old in dataset.info.get("curate_views", []):
+        if old not in views and dataset.has_saved_view(old):
+            dataset.delete_saved_view(old)
+    counts = {}
+    for name, view in views.items():
+        dataset.save_view(name, view, description=f"curate: {name.replace('_', ' ')}, worst first",
+                          overwrite=True)
+        counts[name] = len(view)
+    dataset.info["curate_views"] = list(views)
+    return counts
+
+
+def _load_run_dataset(run_dir: Path):
+    """The run's dataset, or None (with the reason logged) when `curate app` never built it here."""
+    state = _state(run_dir)
+    if state is None:
+        return None
+    fo = _fiftyone()
+    name = state.get("dataset")
+    if not name or not fo.dataset_exists(name):
+        log.warning("%s: FiftyOne dataset %r not found in %s (built in %s); no review tags read",
+                    run_dir / STATE_FILE, name, _database_description(fo), state.get("database", "?"))
+        return None
+    return fo.load_dataset(name)
+
+
+def parse_review_tag(tag: str) -> tuple[str, str] | None:
+    """('reject'|'keep'|'relabel', class or '') for a review tag; None for any other tag."""
+    head, _, rest = tag.strip().partition(":")
+    head = head.strip().lower()
+    if head not in REVIEW_DECISIONS:
+        return None
+    return head, rest.strip() if head == "relabel" else ""
+
+
+def review_decisions(filepaths: Iterable[str], tags: Iterable[list[str] | None],
+                     classes: Iterable[str] | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """Review tags -> (frame of filepath, decision, relabel_to; problems found).
+
+    A sample with several decisions gets the most cautious one (reject, then relabel, then keep);
+    `relabel` without a class, or to a class that is not in `classes`, is reported and ignored.
+    """
+    known = set(classes) if classes is not None else None
+    rows, problems = [], []
+    for fp, sample_tags in zip(filepaths, tags, strict=True):
+        found: dict[str, str] = {}
+        for tag in sample_tags or []:
+            parsed = parse_review_tag(tag)
+            if parsed is None:
+                continue
+            decision, target = parsed
+            if decision == "relabel" and (not target or (known is not None and target not in known)):
+                problems.append(f"{fp}: tag {tag!r} names no known class; ignored")
+            elif decision in found and found[decision] != target:
+                problems.append(f"{fp}: relabel to both {found[decision]!r} and {target!r}; the first is used")
+            else:
+                found.setdefault(decision, target)
+        if not found:
+            continue
+        decision = next(d for d in ("reject", "relabel", "keep") if d in found)
+        if len(found) > 1:
+            problems.append(f"{fp}: several decisions ({', '.join(sorted(found))}); {decision} (most cautious) wins")
+        rows.append({"filepath": fp, "decision": decision, "relabel_to": found[decision]})
+    frame = pd.DataFrame(rows, columns=["filepath", "decision", "relabel_to"])
+    return frame.astype({"filepath": str, "decision": str, "relabel_to": str}), problems
+
+
+def read_review_tags(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """The reviewer's decisions: one row per tagged sample (filepath as in the manifest, decision, relabel_to).
+
+    decision is reject, keep or relabel; relabel_to is the class of a `relabel:<class>` tag ('' otherwise).
+    An empty frame when the run has no FiftyOne dataset yet (FiftyOne is not even imported then).
+    """
+    run_dir = Path(run_dir)
+    dataset = _load_run_dataset(run_dir)
+    if dataset is None:
+        return review_decisions([], [])[0]
+    tagged = dataset.match_tags([t for t in dataset.distinct("tags") if parse_review_tag(t)])
+    classes = dataset.info.get("classes") or dataset.distinct("ground_truth.label")
+    frame, problems = review_decisions(tagged.values("relpath"), tagged.values("tags"), classes)
+    for p in problems:
+        log.warning("review tags: %s", p)
+    return frame
+
+
+def review_status(run: str | os.PathLike | None) -> str:
+    """A few lines: how many flagged samples have a review decision, per issue and overall."""
+    run_dir = resolve_run_dir(run)
+    manifest = read_manifest(run_dir / "manifest.csv")
+    flags = manifest.set_index("filepath")["flags"].map(flags_of) if "flags" in manifest.columns else \
+        pd.Series([[]] * len(manifest), index=manifest["filepath"])
+    flagged = flags[flags.map(bool)]
+    dataset = _load_run_dataset(run_dir)
+    if dataset is None:
+        return (f"{run_dir}: {len(flagged)} of {len(manifest)} photos flagged, none reviewed yet "
+                f"(no FiftyOne dataset; `curate app --run {run_dir}` builds it and opens the App)")
+    decisions = read_review_tags(run_dir).set_index("filepath")
+    reviewed = flagged.index.intersection(decisions.index)
+    counts = decisions["decision"].value_counts()
+    share = 100.0 * len(reviewed) / len(flagged) if len(flagged) else 100.0
+    lines = [f"{run_dir}: {len(reviewed)} of {len(flagged)} flagged photos reviewed ({share:.0f}%); "
+             f"decisions on all photos: reject {counts.get('reject', 0)}, keep {counts.get('keep', 0)}, "
+             f"relabel {counts.get('relabel', 0)}  [FiftyOne dataset {dataset.name}]"]
+    by_issue: dict[str, list[int]] = {}
+    for fp, names in flagged.items():
+        for n in names:
+            by_issue.setdefault(n, [0, 0])
+            by_issue[n][0] += 1
+            by_issue[n][1] += fp in decisions.index
+    for n, (total, done) in sorted(by_issue.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"  {n:<24} {done:>5} / {total:<5} reviewed")
+    return "\n".join(lines)
+
+
+def _port_is_free(address: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((address, port))
+        except OSError:
+            return False
+    return True
+
+
+def _is_fiftyone_server(address: str, port: int) -> bool:
+    """True if a FiftyOne App server answers there (FiftyOne then shows our dataset in it)."""
+    import requests
+
+    try:
+        host = "127.0.0.1" if address in ("0.0.0.0", "") else address
+        return "version" in requests.get(f"http://{host}:{port}/fiftyone", timeout=2).json()
+    except (requests.RequestException, ValueError):
+        return False
+
+
+def app_url(address: str, port: int, dataset_name: str, view: str | None = None) -> str:
+    """The App's address for a dataset (and a saved view)."""
+    host = "127.0.0.1" if address in ("0.0.0.0", "") else address
+    url = f"http://{host}:{port}/datasets/{urllib.parse.quote(dataset_name)}"
+    return url + (f"?view={urllib.parse.quote(view)}" if view else "")
+
+
+def app(run: str | os.PathLike | None, port: int = 5151, address: str = "127.0.0.1", launch: bool = True) -> None:
+    """Build or update the run's dataset, then (if `launch`) serve the FiftyOne App until Ctrl-C."""
+    run_dir = resolve_run_dir(run)
+    if launch and not _port_is_free(address, port) and not _is_fiftyone_server(address, port):
+        raise CurateError(f"port {port} on {address} is taken by another program; choose another --port")
+    dataset = build_dataset(run_dir)
+    fo = _fiftyone()
+    views = dataset.info.get("curate_views", [])
+    print(f"FiftyOne dataset {dataset.name}: {len(dataset)} samples ({_database_description(fo)})")
+    for name in views:
+        print(f"  view {name:<28} {len(dataset.load_saved_view(name)):>6} samples")
+    if not launch:
+        return
+    session = fo.launch_app(dataset, port=port, address=address, remote=True, auto=False)
+    print(f"FiftyOne App: {app_url(address, port, dataset.name)}")
+    for name in views:
+        print(f"  {name}: {app_url(address, port, dataset.name, name)}")
+    print("Tag samples reject, keep or relabel:<class>; `curate review-status` counts them. Ctrl-C stops the App.",
+          flush=True)
+    try:
+        session.wait(-1)
+    except KeyboardInterrupt:
+        print("FiftyOne App stopped.")
+    finally:
+        session.close()
