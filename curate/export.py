@@ -268,23 +268,18 @@ def assign_splits(manifest: pd.DataFrame, fractions: Sequence[float] = DEFAULT_S
     return pd.Series([split_of_key[k] for k in key], index=manifest.index, name="split")
 
 
-def _fiftyone_dataset_may_exist(run_dir: Path) -> bool:
-    """True when `curate app` has been run on this folder (so review tags may exist).
-
-    Checked without importing FiftyOne, which takes seconds and starts a database.
-    """
-    return any(run_dir.glob("fiftyone*"))
-
-
 def read_review_tags(run_dir: Path) -> pd.DataFrame:
-    """Review decisions (filepath, decision, relabel_to) from the run's FiftyOne dataset, if any."""
-    empty = pd.DataFrame({"filepath": [], "decision": [], "relabel_to": []})
-    if not _fiftyone_dataset_may_exist(run_dir):
-        return empty
-    from curate.fiftyone_bridge import read_review_tags as read_tags  # imports fiftyone: slow
+    """Review decisions (filepath, decision, relabel_to) from the run's FiftyOne dataset, if any.
 
-    tags = read_tags(run_dir)
-    return empty if tags is None or tags.empty else tags
+    The bridge imports FiftyOne (seconds, and a database start) only when `curate app` has built a
+    dataset for this run (`<run>/fiftyone.json`), so an export without review stays fast.
+    """
+    from curate import fiftyone_bridge
+
+    tags = fiftyone_bridge.read_review_tags(run_dir)
+    if tags is None or tags.empty:
+        return pd.DataFrame({"filepath": [], "decision": [], "relabel_to": []})
+    return tags
 
 
 def apply_review_tags(decisions: pd.DataFrame, manifest: pd.DataFrame, tags: pd.DataFrame) -> pd.DataFrame:
