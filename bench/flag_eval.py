@@ -1,0 +1,141 @@
+"""Score a label-issue ranking against the hand audit (benchmark only; product code never reads the audit).
+
+Usage:
+    .venv/bin/python bench/flag_eval.py [RUN_DIR or manifest.csv] [--column label_quality] [--audit CSV] [--json OUT]
+
+The manifest must carry `filepath` and a score column where LOW means suspicious (`label_quality` or any
+`q_*`). Audit rows with role `positive` are the positives, role `ignore` rows are left out, and every
+photo the audit does not list is a negative. Unscored rows (empty score, e.g. unreadable files) rank last.
+
+Prints: average precision (AP), recall among the top 2x(number of positives), precision and recall of the
+`off_class` flag (and of `off_class` or `outlier`), the AP of each `q_*` column alone, and AP per class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import average_precision_score
+
+ROOT = Path(__file__).resolve().parents[1]
+AUDIT = ROOT.parent / "shared" / "audit" / "dev_audit.csv"
+
+
+def load_audit(path: str | Path = AUDIT) -> pd.DataFrame:
+    audit = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if not {"filepath", "role"} <= set(audit.columns):
+        sys.exit(f"{path}: audit needs filepath and role columns")
+    return audit
+
+
+def truth_of(filepaths: pd.Series, audit: pd.DataFrame) -> pd.Series:
+    """1 = positive, 0 = negative, NaN = ignored, aligned to `filepaths`."""
+    role = filepaths.map(dict(zip(audit["filepath"], audit["role"], strict=True)))
+    truth = pd.Series(0.0, index=filepaths.index)
+    truth[role == "positive"] = 1.0
+    truth[role == "ignore"] = np.nan
+    return truth
+
+
+def ranking_scores(filepaths: pd.Series, quality: np.ndarray, audit: pd.DataFrame) -> dict:
+    """AP and recall@2P of a quality score (low = suspicious) over the audited rows."""
+    truth = truth_of(filepaths, audit)
+    keep = truth.notna().to_numpy()
+    y = truth.to_numpy()[keep].astype(int)
+    q = np.asarray(quality, dtype=float)[keep]
+    # Unscored rows rank last: a detector gets no credit for what it did not score.
+    suspicion = -q
+    if np.isnan(q).any():
+        floor = np.nanmin(suspicion) - 1 if (~np.isnan(q)).any() else 0.0
+        suspicion = np.where(np.isnan(q), floor, suspicion)
+    n_pos = int(y.sum())
+    if n_pos == 0:
+        return {"ap": float("nan"), "recall_at_2p": float("nan"), "positives": 0, "n": int(len(y))}
+    order = np.argsort(-suspicion, kind="stable")
+    top = order[: 2 * n_pos]
+    return {
+        "ap": float(average_precision_score(y, suspicion)),
+        "recall_at_2p": float(y[top].sum() / n_pos),
+        "positives": n_pos,
+        "n": int(len(y)),
+        "base_rate": float(n_pos / len(y)),
+    }
+
+
+def flag_scores(filepaths: pd.Series, flagged: np.ndarray, audit: pd.DataFrame) -> dict:
+    truth = truth_of(filepaths, audit)
+    keep = truth.notna().to_numpy()
+    y = truth.to_numpy()[keep].astype(int)
+    f = np.asarray(flagged, dtype=bool)[keep]
+    tp = int((f & (y == 1)).sum())
+    return {
+        "flagged": int(f.sum()),
+        "flagged_ignored_rows": int(np.asarray(flagged, dtype=bool)[~keep].sum()),
+        "precision": tp / f.sum() if f.sum() else float("nan"),
+        "recall": tp / y.sum() if y.sum() else float("nan"),
+    }
+
+
+def evaluate(manifest: pd.DataFrame, column: str = "label_quality", audit: pd.DataFrame | None = None) -> dict:
+    """Every figure the benchmark prints, as a dict."""
+    audit = load_audit() if audit is None else audit
+    fp = manifest["filepath"].astype(str)
+    out: dict = {"column": column, "overall": ranking_scores(fp, manifest[column].to_numpy(float), audit)}
+    out["components"] = {c: ranking_scores(fp, manifest[c].to_numpy(float), audit)["ap"]
+                         for c in manifest.columns if c.startswith("q_")}
+    out["per_class"] = {}
+    for label, part in manifest.groupby("label"):
+        out["per_class"][label] = ranking_scores(part["filepath"].astype(str), part[column].to_numpy(float), audit)
+    if "flags" in manifest.columns:
+        flags = manifest["flags"].fillna("").astype(str).str.split(";")
+        off = flags.map(lambda fs: "off_class" in fs).to_numpy()
+        either = flags.map(lambda fs: "off_class" in fs or "outlier" in fs).to_numpy()
+        out["flag_off_class"] = flag_scores(fp, off, audit)
+        out["flag_off_class_or_outlier"] = flag_scores(fp, either, audit)
+    return out
+
+
+def print_report(res: dict) -> None:
+    o = res["overall"]
+    print(f"machine: {platform.node()} {platform.machine()} ({platform.processor() or 'cpu'})")
+    print(f"column {res['column']}: AP {o['ap']:.3f} (base rate {o.get('base_rate', float('nan')):.3f}, "
+          f"{o['positives']} positives / {o['n']} scored), recall@2P {o['recall_at_2p']:.3f}")
+    for name in ("flag_off_class", "flag_off_class_or_outlier"):
+        if name in res:
+            f = res[name]
+            print(f"{name}: {f['flagged']} flagged (+{f['flagged_ignored_rows']} on ignored rows), "
+                  f"precision {f['precision']:.3f}, recall {f['recall']:.3f}")
+    for c, ap in res["components"].items():
+        print(f"  {c:<16} AP {ap:.3f}")
+    for label, r in res["per_class"].items():
+        print(f"  class {label:<12} AP {r['ap']:.3f}  recall@2P {r['recall_at_2p']:.3f}  ({r['positives']} pos)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("target", nargs="?", default="reports/flower_photos", help="run folder or manifest CSV")
+    ap.add_argument("--column", default="label_quality", help="score column, low = suspicious")
+    ap.add_argument("--audit", default=str(AUDIT))
+    ap.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
+    args = ap.parse_args(argv)
+    target = Path(args.target)
+    path = target / "manifest.csv" if target.is_dir() else target
+    manifest = pd.read_csv(path, dtype={"filepath": str, "label": str, "flags": str}, keep_default_na=False,
+                           na_values=[""])
+    if args.column not in manifest.columns:
+        sys.exit(f"{path}: no column {args.column!r}")
+    res = evaluate(manifest, args.column, load_audit(args.audit))
+    print_report(res)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2, default=float) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
