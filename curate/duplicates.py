@@ -63,10 +63,12 @@ def _plan(n: int, max_distance: int) -> int:
 
 
 def near_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
-    """Every pair (i, j), i < j, of `hashes` (uint64) at Hamming distance <= `max_distance`.
+    """Pairs (i, j), i < j, of `hashes` (uint64) at Hamming distance <= `max_distance`, enough to group them.
 
-    Out: an int64 array of shape (P, 2), each pair once. Identical hashes are collapsed first, so
-    a large bucket of equal hashes costs nothing extra.
+    Out: an int64 array of shape (P, 2), each pair once. Among distinct hash values every close
+    pair is returned; rows with an identical hash are joined to the first of them (a star, not all
+    k^2 pairs), so a large bucket of equal hashes costs nothing extra. The connected components of
+    the result are exactly those of all close pairs.
     """
     hashes = np.asarray(hashes, dtype=np.uint64)
     if hashes.size < 2 or max_distance < 0:

@@ -40,8 +40,8 @@ class QualityBounds:
     robust_k: float = 3.0
     blurry_abs: float = 100.0
     dark_abs: float = 0.25
-    bright_abs: float = 0.80
-    low_information_abs: float = 6.0
+    bright_abs: float = 0.85
+    low_information_abs: float = 4.0
 
 
 def image_metrics(gray: np.ndarray, rgb: np.ndarray | None = None) -> dict[str, float]:

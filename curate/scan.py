@@ -68,7 +68,7 @@ class ScanConfig:
     """
 
     decode_size: int = 64
-    near_distance: int = 4
+    near_distance: int = 8
     tiny_side: int = 64
     odd_aspect: float = 3.0
     grayscale_chroma: float = 2.0
@@ -126,11 +126,6 @@ def _fail(row: dict[str, Any], flag: str, reason: str) -> dict[str, Any]:
 
 def _to_working_rgb(im: Image.Image, decode_size: int) -> Image.Image:
     """The decoded image as 8-bit RGB, reduced by a power of two towards `decode_size` if it was not drafted."""
-    factor = 1
-    while factor < 8 and min(im.size) // (factor * 2) >= decode_size:
-        factor *= 2
-    if factor > 1:
-        im = im.reduce(factor)
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         # 16-bit / float: scale to 0..255 (Pillow's own conversion would clip everything above 255 to white)
         arr = np.asarray(im, dtype=np.float64)
@@ -138,7 +133,10 @@ def _to_working_rgb(im: Image.Image, decode_size: int) -> Image.Image:
         im = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), "L")
     if im.mode != "RGB":
         im = im.convert("RGBA").convert("RGB") if im.mode == "P" else im.convert("RGB")
-    return im
+    factor = 1
+    while factor < 8 and min(im.size) // (factor * 2) >= decode_size:
+        factor *= 2
+    return im.reduce(factor) if factor > 1 else im
 
 
 def scan_file(root: str | os.PathLike, relpath: str, config: ScanConfig) -> dict[str, Any]:

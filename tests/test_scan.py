@@ -1,0 +1,259 @@
+"""`curate scan` on real photos and on every kind of bad input; DATA is never written."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import struct
+import zlib
+from collections import defaultdict
+from pathlib import Path
+
+import imagehash
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import FLOWERS, make_dataset, real_photos, tree_fingerprint
+from PIL import Image
+
+from curate import cli
+from curate.io import CurateError, read_manifest
+from curate.scan import ISSUES, MANIFEST_COLUMNS, ScanConfig, scan, scan_file
+
+
+def _flags(manifest: pd.DataFrame, path: str) -> set[str]:
+    cell = manifest.loc[manifest["filepath"] == path, "flags"].item()
+    return set(cell.split(";")) if cell else set()
+
+
+def test_scan_writes_the_run_folder(small_dataset: Path, tmp_path: Path) -> None:
+    before = tree_fingerprint(small_dataset)
+    out = tmp_path / "run"
+    df = scan(small_dataset, out=out, workers=2, progress=False)
+    assert tree_fingerprint(small_dataset) == before
+
+    manifest = read_manifest(out / "manifest.csv")
+    assert list(manifest.columns[: len(MANIFEST_COLUMNS)]) == MANIFEST_COLUMNS
+    assert len(manifest) == len(df) == 30
+    expected = sorted(p.relative_to(small_dataset).as_posix() for p in small_dataset.rglob("*.jpg"))
+    assert manifest["filepath"].tolist() == expected
+    assert (manifest["label"] == manifest["filepath"].str.split("/").str[0]).all()
+    for path, sha in zip(manifest["filepath"], manifest["sha256"], strict=True):
+        assert sha == hashlib.sha256((small_dataset / path).read_bytes()).hexdigest()
+    assert manifest["phash"].str.fullmatch(r"[0-9a-f]{16}").all()
+    assert manifest["dhash"].str.fullmatch(r"[0-9a-f]{16}").all()
+    assert (manifest["error"] == "").all() and (manifest["format"] == "JPEG").all()
+    for p, w, h in manifest[["filepath", "width", "height"]].itertuples(index=False):
+        assert Image.open(small_dataset / p).size == (w, h)
+
+    info = json.loads((out / "scan.json").read_text())
+    assert info["data"] == str(small_dataset.resolve())
+    assert set(info["counts"]) == set(ISSUES)
+    for issue, n in info["counts"].items():
+        assert n == manifest["flags"].str.split(";").apply(lambda f, i=issue: i in f).sum()
+    for issue in ("blurry", "dark", "bright", "low_information"):
+        assert {"threshold", "robust", "absolute"} <= set(info["thresholds"][issue])
+    dups = pd.read_csv(out / "duplicates.csv")
+    assert list(dups.columns) == ["dup_group", "kind", "filepath", "label", "distance", "keep"]
+
+
+def test_hashes_equal_imagehash_on_the_working_image(tmp_path: Path) -> None:
+    """pHash/dHash are imagehash's, computed on the reduced image the scan decodes."""
+    config = ScanConfig()
+    photos = real_photos(8)
+    for src in photos:
+        row = scan_file(src.parent.parent, f"{src.parent.name}/{src.name}", config)
+        im = Image.open(src)
+        im.draft("RGB", (config.decode_size, config.decode_size))
+        gray = im.convert("RGB").convert("L")
+        assert row["phash"] == str(imagehash.phash(gray)), src
+        assert row["dhash"] == str(imagehash.dhash(gray)), src
+    # a PNG is not drafted but reduced by the same power-of-two rule
+    png_dir = tmp_path / "png" / "c"
+    png_dir.mkdir(parents=True)
+    Image.open(photos[0]).save(png_dir / "p.png")
+    row = scan_file(tmp_path / "png", "c/p.png", config)
+    im = Image.open(png_dir / "p.png")
+    factor = 1
+    while factor < 8 and min(im.size) // (factor * 2) >= config.decode_size:
+        factor *= 2
+    gray = im.convert("RGB").reduce(factor).convert("L")
+    assert row["phash"] == str(imagehash.phash(gray))
+    assert row["dhash"] == str(imagehash.dhash(gray))
+
+
+def _png_bomb(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (a decompression bomb for Pillow)."""
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4: ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr: ihdr + 17])) & 0xFFFFFFFF
+    data[ihdr + 17: ihdr + 21] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+@pytest.fixture
+def bad_dataset(tmp_path: Path) -> tuple[Path, Path]:
+    """A dataset mixing good photos with every kind of bad input; returns (DATA, a photo outside DATA)."""
+    data = make_dataset(tmp_path / "bad", per_class=2, classes=["daisy", "roses"])
+    photo = real_photos(3, ["tulips"])
+    d = data / "daisy"
+    r = data / "roses"
+    (d / "zero.jpg").write_bytes(b"")
+    full = photo[0].read_bytes()
+    (d / "truncated.jpg").write_bytes(full[: len(full) * 2 // 5])
+    (d / "garbage.jpg").write_text("this is a text file, not a photo\n" * 20)
+    (d / "broken_header.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(300))
+    im = Image.open(photo[1]).convert("RGB")
+    im.convert("CMYK").save(r / "cmyk.jpg")
+    Image.fromarray(np.asarray(im.convert("L")).astype(np.uint16) * 257).save(r / "deep16.png")
+    pal = im.quantize(64)
+    pal.info["transparency"] = 0
+    pal.save(r / "palette.png", transparency=0)
+    rgba = im.copy()
+    rgba.putalpha(128)
+    rgba.save(r / "alpha.png")
+    (r / "bomb.png").write_bytes(_png_bomb(40_000, 40_000))
+    shutil.copyfile(photo[2], r / "café del mar ünï.JPG")
+    im.resize((40, 30)).save(d / "tiny.jpg")
+    im.crop((0, 0, im.width, im.width // 4)).save(d / "wide.jpg")
+    im.convert("L").save(d / "grey.jpg")
+    (d / "notes.txt").write_text("ignored: not an image extension")
+    (data / "empty_class").mkdir()
+    outside = tmp_path / "outside.jpg"
+    shutil.copyfile(photo[0], outside)
+    (d / "link_out.jpg").symlink_to(outside)
+    (r / "link_in.jpg").symlink_to(r / "cmyk.jpg")
+    (data / "linked_class").symlink_to(tmp_path / "outside_dir", target_is_directory=True)
+    (tmp_path / "outside_dir").mkdir()
+    shutil.copyfile(photo[0], tmp_path / "outside_dir" / "x.jpg")
+    return data, outside
+
+
+def test_bad_input_gets_rows_or_messages_and_data_is_untouched(bad_dataset, tmp_path: Path, capsys) -> None:
+    data, outside = bad_dataset
+    before = tree_fingerprint(data)
+    before_outside = outside.read_bytes()
+    out = tmp_path / "run"
+    assert cli.main(["scan", str(data), "--out", str(out), "--workers", "2", "-q"]) == 0
+    assert tree_fingerprint(data) == before and outside.read_bytes() == before_outside
+
+    m = read_manifest(out / "manifest.csv")
+    paths = set(m["filepath"])
+    assert "daisy/link_out.jpg" not in paths and not any(p.startswith("linked_class") for p in paths)
+    assert "daisy/notes.txt" not in paths
+    assert "roses/link_in.jpg" in paths  # a link inside DATA is read like a file
+    err = m.set_index("filepath")["error"]
+
+    assert _flags(m, "daisy/zero.jpg") == {"corrupt"} and "empty" in err["daisy/zero.jpg"]
+    assert _flags(m, "daisy/truncated.jpg") == {"truncated"} and err["daisy/truncated.jpg"]
+    assert _flags(m, "daisy/garbage.jpg") == {"not_image"} and err["daisy/garbage.jpg"]
+    assert _flags(m, "daisy/broken_header.jpg") == {"corrupt"}
+    assert _flags(m, "roses/bomb.png") == {"corrupt"} and "too large" in err["roses/bomb.png"]
+    for ok in ("roses/cmyk.jpg", "roses/deep16.png", "roses/palette.png", "roses/alpha.png",
+               "roses/café del mar ünï.JPG", "daisy/tiny.jpg", "daisy/wide.jpg", "daisy/grey.jpg"):
+        assert err[ok] == "", ok
+    mode = m.set_index("filepath")["mode"]
+    assert mode["roses/cmyk.jpg"] == "CMYK" and mode["roses/palette.png"] == "P" and mode["roses/alpha.png"] == "RGBA"
+    assert mode["roses/deep16.png"].startswith("I")
+    # the 16-bit image is scaled, not clipped to white: same brightness as its 8-bit source
+    bright = m.set_index("filepath")["brightness"]
+    assert abs(bright["roses/deep16.png"] - bright["daisy/grey.jpg"]) < 0.05
+    assert "tiny" in _flags(m, "daisy/tiny.jpg")
+    assert "odd_aspect_ratio" in _flags(m, "daisy/wide.jpg")
+    assert "grayscale" in _flags(m, "daisy/grey.jpg") and "grayscale" in _flags(m, "roses/deep16.png")
+    assert "grayscale" not in _flags(m, "roses/cmyk.jpg")
+    assert {"exact_duplicate"} <= _flags(m, "roses/link_in.jpg")
+
+    info = json.loads((out / "scan.json").read_text())
+    assert info["empty_classes"] == ["empty_class"]
+    skipped = {s["path"] for s in info["skipped"]}
+    assert {"daisy/link_out.jpg", "linked_class"} <= skipped
+    assert info["counts"]["corrupt"] == 3 and info["counts"]["not_image"] == 1 and info["counts"]["truncated"] == 1
+
+
+def test_bomb_limit_comes_from_the_config(small_dataset: Path) -> None:
+    path = sorted(small_dataset.rglob("*.jpg"))[0]
+    rel = path.relative_to(small_dataset).as_posix()
+    row = scan_file(small_dataset, rel, ScanConfig(max_pixels=1000))
+    assert row["flags"] == "corrupt" and "too large" in row["error"] and row["phash"] == ""
+    assert row["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_missing_or_empty_data_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    assert cli.main(["scan", str(tmp_path / "nope"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nope" in err and "no such folder" in err and "\n" not in err
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    assert cli.main(["scan", str(tmp_path / "empty"), "-q"]) == 2
+    assert "no images" in capsys.readouterr().err
+    with pytest.raises(CurateError):
+        scan(tmp_path / "empty", progress=False)
+
+
+def test_run_folder_inside_data_is_refused(small_dataset: Path) -> None:
+    before = tree_fingerprint(small_dataset)
+    with pytest.raises(CurateError, match="inside DATA"):
+        scan(small_dataset, out=small_dataset / "reports", progress=False)
+    assert tree_fingerprint(small_dataset) == before and not (small_dataset / "reports").exists()
+
+
+def test_rescan_reuses_the_cache_and_rereads_changed_files(small_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = scan(small_dataset, out=out, workers=2, progress=False)
+    second = scan(small_dataset, out=out, workers=2, progress=False)
+    assert json.loads((out / "scan.json").read_text())["from_cache"] == len(first)
+    pd.testing.assert_frame_equal(first, second)
+
+    changed = sorted(small_dataset.rglob("*.jpg"))[0]
+    other = real_photos(7, ["tulips"])[-1]
+    shutil.copyfile(other, changed)
+    third = scan(small_dataset, out=out, workers=2, progress=False)
+    assert json.loads((out / "scan.json").read_text())["from_cache"] == len(first) - 1
+    rel = changed.relative_to(small_dataset).as_posix()
+    assert third.set_index("filepath").loc[rel, "sha256"] == hashlib.sha256(other.read_bytes()).hexdigest()
+
+    scan(small_dataset, out=out, workers=1, use_cache=False, progress=False)
+    assert json.loads((out / "scan.json").read_text())["from_cache"] == 0
+
+
+def test_default_run_folder_is_reports_dataset_name(small_dataset: Path, tmp_path: Path) -> None:
+    scan(small_dataset, workers=1, progress=False)
+    assert (tmp_path / "reports" / small_dataset.name / "manifest.csv").exists()  # cwd is tmp_path
+
+
+@pytest.mark.slow
+def test_finds_every_exact_duplicate_group_in_flower_photos(tmp_path: Path) -> None:
+    """Every group of byte-identical files in ../shared/flower_photos, checked with hashlib."""
+    before = {p: p.stat().st_mtime_ns for p in FLOWERS.rglob("*") if p.is_file()}
+    by_sha: dict[str, list[str]] = defaultdict(list)
+    for p in sorted(FLOWERS.rglob("*.jpg")):
+        by_sha[hashlib.sha256(p.read_bytes()).hexdigest()].append(p.relative_to(FLOWERS).as_posix())
+    expected = {frozenset(v) for v in by_sha.values() if len(v) > 1}
+    assert expected, "the shared dataset is known to hold byte-identical files"
+
+    out = tmp_path / "run"
+    manifest = scan(FLOWERS, out=out, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in FLOWERS.rglob("*") if p.is_file()} == before
+    dups = pd.read_csv(out / "duplicates.csv", dtype={"dup_group": str})
+    exact = dups[dups["kind"] == "exact"]
+    found = {frozenset(g["filepath"]) for _, g in exact.groupby(["dup_group", manifest.set_index("filepath")
+                                                                .loc[exact["filepath"], "sha256"].to_numpy()])}
+    assert found == expected
+    flagged = set(manifest.loc[manifest["flags"].str.contains("exact_duplicate"), "filepath"])
+    assert flagged == set().union(*expected)
+    for group in expected:
+        labels = {p.split("/")[0] for p in group}
+        for p in group:
+            assert ("cross_label_duplicate" in _flags(manifest, p)) == (len(labels) > 1)
+    # every group has exactly one keep, and the keep is its largest image
+    size = manifest.set_index("filepath")
+    for _, g in dups.groupby("dup_group"):
+        assert g["keep"].sum() == 1
+        pixels = size.loc[g["filepath"], "width"] * size.loc[g["filepath"], "height"]
+        assert pixels.loc[g.loc[g["keep"], "filepath"].item()] == pixels.max()
