@@ -142,6 +142,11 @@ def _unpack(archive: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     try:
         with tarfile.open(archive, "r:*") as tar:
+            for member in tar.getmembers():
+                # the data filter would only strip a leading "/"; an archive with such names is refused outright
+                if member.name.startswith(("/", "\\")) or ".." in Path(member.name).parts:
+                    raise CurateError(f"{archive}: unsafe member {member.name!r} refused (absolute or '..' path); "
+                                      "nothing was extracted into place")
             tar.extractall(out, filter="data")
     except tarfile.FilterError as exc:
         member = getattr(exc, "tarinfo", None)
