@@ -47,7 +47,7 @@ class SheetConfig:
     workers: int = min(4, os.cpu_count() or 1)
 
 
-def _safe_name(name: str) -> str:
+def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("_") or "unnamed"
 
 
@@ -125,7 +125,7 @@ def _cluster_id(value: object) -> str:
     try:
         return str(int(float(value)))  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        return _safe_name(str(value))
+        return safe_name(str(value))
 
 
 def write_sheets(manifest: pd.DataFrame, data_root: Path, out_dir: Path, by: str = "label",
@@ -137,7 +137,7 @@ def write_sheets(manifest: pd.DataFrame, data_root: Path, out_dir: Path, by: str
     pool = ThreadPoolExecutor(max_workers=config.workers)  # PIL decodes without holding the GIL
     try:
         for name, rows in groups.items():
-            stem = _safe_name(name)
+            stem = safe_name(name)
             for old in out_dir.glob(f"{stem}_p*.png"):  # a group that shrank leaves no stale pages
                 old.unlink()
             files = [safe_relpath(data_root, fp) for fp in rows["filepath"]]
@@ -182,7 +182,7 @@ def preview(run: str | os.PathLike | None = None, by: str = "label", only: str |
         manifest = manifest[has]
         if by == "flag":  # only that flag's sheets, not those of the other flags its photos carry
             manifest = manifest.assign(flags=only)
-    out_dir = run_dir / "sheets" / (by if not only else f"{by}-{_safe_name(only)}")
+    out_dir = run_dir / "sheets" / (by if not only else f"{by}-{safe_name(only)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = write_sheets(manifest, data_root_of(run_dir), out_dir, by=by, config=config, progress=progress)
     log.info("preview: %d sheet(s) in %s", len(paths), out_dir)
