@@ -569,11 +569,11 @@ def _is_fiftyone_server(address: str, port: int) -> bool:
         return False
 
 
-def app_url(address: str, port: int, dataset_name: str, view: str | None = None) -> str:
-    """The App's address for a dataset (and a saved view)."""
+def app_url(address: str, port: int, dataset_slug: str, view_slug: str | None = None) -> str:
+    """The App's address for a dataset (and a saved view). The App finds both by slug ('off-class-candidates')."""
     host = "127.0.0.1" if address in ("0.0.0.0", "") else address
-    url = f"http://{host}:{port}/datasets/{urllib.parse.quote(dataset_name)}"
-    return url + (f"?view={urllib.parse.quote(view)}" if view else "")
+    url = f"http://{host}:{port}/datasets/{urllib.parse.quote(dataset_slug)}"
+    return url + (f"?view={urllib.parse.quote(view_slug)}" if view_slug else "")
 
 
 def app(run: str | os.PathLike | None, port: int = 5151, address: str = "127.0.0.1", launch: bool = True) -> None:
@@ -589,10 +589,12 @@ def app(run: str | os.PathLike | None, port: int = 5151, address: str = "127.0.0
         print(f"  view {name:<28} {len(dataset.load_saved_view(name)):>6} samples")
     if not launch:
         return
+    from fiftyone.core.utils import to_slug
+
     session = fo.launch_app(dataset, port=port, address=address, remote=True, auto=False)
-    print(f"FiftyOne App: {app_url(address, port, dataset.name)}")
+    print(f"FiftyOne App: {app_url(address, port, dataset.slug)}")
     for name in views:
-        print(f"  {name}: {app_url(address, port, dataset.name, name)}")
+        print(f"  {name}: {app_url(address, port, dataset.slug, to_slug(name))}")
     print("Tag samples reject, keep or relabel:<class>; `curate review-status` counts them. Ctrl-C stops the App.",
           flush=True)
     try:
