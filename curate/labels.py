@@ -1,0 +1,357 @@
+"""`curate flag`: score every photo for label issues and off-class content.
+
+Three views of "this photo does not belong to its folder", each its own column (low = suspicious):
+- `q_cleanlab`: cleanlab's label quality on out-of-fold class probabilities (the model that scored a
+  photo never trained on it).
+- `q_knn`: agreement of a photo's nearest neighbours (cosine, in the embedding space) with its label.
+- `q_cluster`: within-class structure. Each class's embeddings are clustered; a cluster scores low when
+  it is small and its centre lies far from the class's main mass (a coherent off-class group such as
+  parade photos in roses/ forms such a cluster even when a model learned it as "roses").
+They are combined by averaging their within-run percentile ranks into `label_quality` (0..1).
+
+Flags: `off_class` for the lowest-quality photos, as many as cleanlab estimates the data holds label
+issues (its confident-joint noise estimate, read from the data, never from a hand audit), and `outlier`
+for photos far from every class's main mass (robust z-score of the distance to the nearest class centre).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from curate.io import (
+    CurateError,
+    add_flag,
+    atomic_save_npy,
+    atomic_write_csv,
+    data_root_of,
+    read_manifest,
+    resolve_run_dir,
+    run_lock,
+)
+
+log = logging.getLogger("curate.labels")
+
+FLAG_COLUMNS = ["label_quality", "q_cleanlab", "q_knn", "q_cluster", "suggested_label", "cluster",
+                "models_disagreeing"]
+
+
+@dataclass
+class FlagConfig:
+    """Knobs of `curate flag`; the defaults are what bench/flag_eval.py measured best."""
+
+    folds: int = 5
+    knn_k: int = 10  # neighbours for q_knn
+    cluster_size: int = 25  # about one within-class cluster per this many photos
+    weights: dict[str, float] = field(default_factory=lambda: {"q_cleanlab": 1.0, "q_knn": 1.0, "q_cluster": 1.0})
+    outlier_z: float = 3.5  # robust z of the distance to the nearest class centre
+    max_off_class_fraction: float = 0.2  # never flag more than this share of a run as off_class
+    image_size: int = 96  # cached decode size; representations resize from it
+    seed: int = 0
+
+
+# ---------------------------------------------------------------- scoring functions (pure, arrays in/out)
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-8)
+
+
+def cleanlab_quality(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(quality 0..1 per photo, boolean label-issue mask) from out-of-fold probabilities, by cleanlab."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    probs = _safe_probs(probs)
+    quality = get_label_quality_scores(labels, probs, method="self_confidence")
+    try:
+        issues = find_label_issues(labels, probs, filter_by="prune_by_noise_rate")
+    except (ValueError, IndexError) as exc:  # tiny or degenerate data (a class never predicted)
+        log.warning("cleanlab find_label_issues failed (%s); no cleanlab issue estimate", exc)
+        issues = np.zeros(len(labels), dtype=bool)
+    return np.asarray(quality, dtype=float), np.asarray(issues, dtype=bool)
+
+
+def _safe_probs(probs: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(probs, dtype=float), 1e-6, None)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def knn_neighbours(emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and cosine similarities of each row's k nearest other rows."""
+    from sklearn.neighbors import NearestNeighbors
+
+    z = l2_normalise(emb)
+    k = min(k, len(z) - 1)
+    nn = NearestNeighbors(n_neighbors=k + 1, metric="cosine").fit(z)
+    dist, idx = nn.kneighbors(z)
+    # drop self (the first neighbour unless exact duplicates tie)
+    keep = idx != np.arange(len(z))[:, None]
+    idx = np.array([row[m][:k] for row, m in zip(idx, keep, strict=True)])
+    sim = np.array([1 - row[m][:k] for row, m in zip(dist, keep, strict=True)])
+    return idx, sim
+
+
+def knn_label_probs(emb: np.ndarray, labels: np.ndarray, n_classes: int, k: int) -> np.ndarray:
+    """Similarity-weighted class distribution of each photo's k nearest neighbours (never itself)."""
+    idx, sim = knn_neighbours(emb, k)
+    w = np.clip(sim, 0, None) + 1e-3
+    probs = np.zeros((len(labels), n_classes))
+    for c in range(n_classes):
+        probs[:, c] = (w * (labels[idx] == c)).sum(1)
+    probs += 0.1  # a little smoothing so cleanlab never sees hard zeros
+    return probs / probs.sum(1, keepdims=True)
+
+
+def knn_quality(emb: np.ndarray, labels: np.ndarray, n_classes: int, k: int) -> np.ndarray:
+    """Share (similarity-weighted) of a photo's neighbours that carry its label: 0..1."""
+    probs = knn_label_probs(emb, labels, n_classes, k)
+    return probs[np.arange(len(labels)), labels]
+
+
+def cluster_quality(emb: np.ndarray, labels: np.ndarray, n_classes: int, cluster_size: int = 25,
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """Cluster each class; score each cluster by size and by how far its centre is from the class's mass.
+
+    Returns (quality per photo 0..1, cluster id within its class per photo, one row per cluster with
+    label index, cluster, size, score). A cluster's raw score is its centre's cosine similarity to the
+    class centre (the mean of the class's other clusters, weighted by size) minus its similarity to the
+    nearest other class centre, shrunk towards the class's typical value for small-sample noise and
+    weighted by the cluster's share of the class. Low = a small group that looks unlike its class.
+    """
+    from sklearn.cluster import KMeans
+
+    z = l2_normalise(emb)
+    centres = np.stack([z[labels == c].mean(0) if (labels == c).any() else np.zeros(z.shape[1])
+                        for c in range(n_classes)])
+    centres = l2_normalise(centres)
+    cluster_id = np.zeros(len(z), dtype=int)
+    per_photo = np.zeros(len(z))
+    rows = []
+    for c in range(n_classes):
+        members = np.flatnonzero(labels == c)
+        if len(members) == 0:
+            continue
+        k = int(np.clip(round(len(members) / cluster_size), 1, len(members)))
+        if k > 1:
+            km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(z[members])
+            assign = km.labels_
+        else:
+            assign = np.zeros(len(members), dtype=int)
+        sizes = np.bincount(assign, minlength=k)
+        cents = l2_normalise(np.stack([z[members][assign == j].mean(0) for j in range(k)]))
+        others = [o for o in range(n_classes) if o != c and (labels == o).any()]
+        for j in range(k):
+            # the class's mass without this cluster, so a big off-class group cannot define "the class"
+            rest = (sizes[:, None] * cents)[np.arange(k) != j].sum(0) if k > 1 else centres[c]
+            rest = rest / (np.linalg.norm(rest) + 1e-8)
+            own = float(cents[j] @ rest)
+            other = max((float(cents[j] @ centres[o]) for o in others), default=0.0)
+            share = sizes[j] / len(members)
+            raw = own - 0.5 * other + 0.5 * np.log(share * k)  # share*k = 1 for an average-size cluster
+            rows.append({"label_index": c, "cluster": j, "size": int(sizes[j]), "raw": raw})
+            idx = members[assign == j]
+            cluster_id[idx] = j
+            per_photo[idx] = raw
+    table = pd.DataFrame(rows, columns=["label_index", "cluster", "size", "raw"])
+    table["score"] = table["raw"].rank(pct=True)
+    return percentile_rank(per_photo), cluster_id, table
+
+
+def centre_distance_z(emb: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Robust z-score of each photo's cosine distance to the nearest class centre (high = unlike all)."""
+    z = l2_normalise(emb)
+    centres = l2_normalise(np.stack([z[labels == c].mean(0) for c in range(n_classes) if (labels == c).any()]))
+    d = 1 - (z @ centres.T).max(1)
+    med = np.median(d)
+    mad = np.median(np.abs(d - med)) * 1.4826 + 1e-8
+    return (d - med) / mad
+
+
+def percentile_rank(x: np.ndarray) -> np.ndarray:
+    """Ranks scaled to (0, 1]; ties share their mean rank."""
+    return pd.Series(np.asarray(x, dtype=float)).rank(pct=True, method="average").to_numpy()
+
+
+def combine(components: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
+    """Weighted mean of percentile ranks -> label_quality in 0..1 (low = suspicious)."""
+    total = np.zeros(len(next(iter(components.values()))))
+    wsum = 0.0
+    for name, q in components.items():
+        w = weights.get(name, 0.0)
+        if w:
+            total += w * percentile_rank(q)
+            wsum += w
+    if not wsum:
+        raise CurateError("label_quality: every component has weight 0")
+    return total / wsum
+
+
+# ---------------------------------------------------------------- the stage
+
+def score(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, oof_probs: dict[str, np.ndarray],
+          cfg: FlagConfig, space: np.ndarray | None = None) -> dict:
+    """All per-photo scores from embeddings and out-of-fold probabilities of one or more models.
+
+    `oof_probs` maps a model name to N x C probabilities; with none, kNN class distributions stand in
+    (they are out-of-sample too: a photo is never its own neighbour). `space` says which rows share an
+    embedding space (the K-fold ViT gives each fold's held-out photos its own model's embeddings, which
+    are not comparable across folds): kNN and clusters are computed within each space.
+    """
+    n = len(labels)
+    space = np.zeros(n, dtype=int) if space is None else np.asarray(space)
+    knn_probs = np.zeros((n, n_classes))
+    q_cluster = np.zeros(n)
+    cluster_id = np.zeros(n, dtype=int)
+    centre_z = np.zeros(n)
+    tables = []
+    offsets = np.zeros(n_classes, dtype=int)
+    for sp in np.unique(space):
+        rows = np.flatnonzero(space == sp)
+        e, y = embeddings[rows], labels[rows]
+        knn_probs[rows] = knn_label_probs(e, y, n_classes, cfg.knn_k)
+        q, cid, table = cluster_quality(e, y, n_classes, cfg.cluster_size, cfg.seed)
+        q_cluster[rows] = q
+        cluster_id[rows] = cid + offsets[y]  # ids stay unique within a class across spaces
+        if len(table):
+            table["cluster"] += offsets[table["label_index"].to_numpy()]
+            tables.append(table)
+            offsets += np.bincount(table["label_index"], minlength=n_classes)
+        centre_z[rows] = centre_distance_z(e, y, n_classes)
+    clusters = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
+        columns=["label_index", "cluster", "size", "raw", "score"])
+    clusters["score"] = clusters["raw"].rank(pct=True)
+    probs_by_model = dict(oof_probs) if oof_probs else {"knn": knn_probs}
+    mean_probs = np.mean([_safe_probs(p) for p in probs_by_model.values()], axis=0)
+    q_cleanlab, issues = cleanlab_quality(labels, mean_probs)
+    q_knn = knn_probs[np.arange(n), labels]
+    components = {"q_cleanlab": q_cleanlab, "q_knn": q_knn, "q_cluster": q_cluster}
+    quality = combine(components, cfg.weights)
+    preds = {name: p.argmax(1) for name, p in probs_by_model.items()}
+    disagreeing = np.sum([pr != labels for pr in preds.values()], axis=0)
+    return {"label_quality": quality, **components, "issues": issues, "mean_probs": mean_probs,
+            "cluster": cluster_id, "clusters": clusters, "preds": preds, "models_disagreeing": disagreeing,
+            "centre_z": centre_z}
+
+
+def choose_flags(s: dict, cfg: FlagConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(off_class mask, outlier mask) from the score distribution.
+
+    off_class: the n lowest label_quality photos, n = the number of label issues cleanlab estimates
+    (capped at `max_off_class_fraction`). outlier: photos whose distance to the nearest class centre is
+    an extreme robust z-score.
+    """
+    quality = s["label_quality"]
+    n = int(min(s["issues"].sum(), cfg.max_off_class_fraction * len(quality)))
+    off = np.zeros(len(quality), dtype=bool)
+    if n:
+        off[np.argsort(quality, kind="stable")[:n]] = True
+    outlier = s["centre_z"] > cfg.outlier_z
+    return off, outlier
+
+
+def flag(run: str | Path | None, folds: int = 5, embeddings: str | None = None, fast: bool = False,
+         progress: bool = True, config: FlagConfig | None = None) -> Path:
+    """Score the run's manifest; write manifest.csv (flag columns), oof_<model>.npy, embeddings.npy, clusters.csv.
+
+    `embeddings`: None (own ViT K-fold; cheap features with `fast`), 'vit', 'features', or 'keras:<Name>'.
+    Returns the run folder.
+    """
+    from curate import embed
+
+    cfg = config or FlagConfig(folds=folds)
+    cfg.folds = folds
+    if folds < 2:
+        raise CurateError(f"--folds {folds}: need at least 2 folds")
+    run_dir = resolve_run_dir(run)
+    kind = embeddings or ("features" if fast else "vit")
+    if fast and kind != "features":
+        raise CurateError(f"--fast uses the cheap features; drop --embeddings {kind} or --fast")
+    if not (kind in ("vit", "features") or kind.startswith("keras:")):
+        raise CurateError(f"--embeddings {kind}: expected 'vit', 'features' or 'keras:<Name>'")
+    with run_lock(run_dir, "flag"):
+        t0 = time.time()
+        df = read_manifest(run_dir / "manifest.csv")
+        data_root = data_root_of(run_dir)
+        ok = (df["error"].fillna("") == "").to_numpy() if "error" in df.columns else np.ones(len(df), bool)
+        good = df[ok].reset_index(drop=True)
+        if good["label"].nunique() < 2:
+            raise CurateError(f"{run_dir}/manifest.csv: need at least 2 classes with readable photos to flag")
+        classes = embed.class_names(good["label"])
+        labels = good["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+        counts = np.bincount(labels, minlength=len(classes))
+        if kind == "vit" and counts.min() < folds:
+            raise CurateError(f"{run_dir}: class {classes[int(counts.argmin())]!r} has {counts.min()} readable "
+                              f"photos, fewer than --folds {folds}")
+        rep = embed.represent(kind, run_dir, data_root, good, classes, cfg, progress=progress)
+        oof = {rep.name: rep.oof_probs} if rep.oof_probs is not None else {}
+        s = score(rep.embeddings, labels, len(classes), oof, cfg, space=rep.space)
+        off, outlier = choose_flags(s, cfg)
+        _write_outputs(run_dir, df, ok, good, classes, labels, rep, s, off, outlier)
+        log.info("flag: %d photos scored with %s in %.0f s; %d off_class, %d outlier -> %s",
+                 len(good), rep.name, time.time() - t0, off.sum(), outlier.sum(), run_dir)
+    return run_dir
+
+
+def _write_outputs(run_dir: Path, df: pd.DataFrame, ok: np.ndarray, good: pd.DataFrame, classes: list[str],
+                   labels: np.ndarray, rep, s: dict, off: np.ndarray, outlier: np.ndarray) -> None:
+    n_all = len(df)
+
+    def full(values: np.ndarray, fill=np.nan) -> np.ndarray:
+        out = np.full((n_all,) + values.shape[1:], fill, dtype=values.dtype if values.dtype != int else float)
+        out[ok] = values
+        return out
+
+    out = df.copy()
+    old = [c for c in out.columns if c in FLAG_COLUMNS or c.startswith("pred_")]
+    out = out.drop(columns=old)
+    for col in ("label_quality", "q_cleanlab", "q_knn", "q_cluster"):
+        out[col] = full(np.round(s[col], 5).astype(float))
+    suggested = np.array(classes, dtype=object)[s["mean_probs"].argmax(1)]
+    out["suggested_label"] = ""
+    out.loc[ok, "suggested_label"] = suggested
+    out["cluster"] = pd.array(full(s["cluster"].astype(float)), dtype="Int64")
+    out["models_disagreeing"] = pd.array(full(s["models_disagreeing"].astype(float)), dtype="Int64")
+    for name, pred in s["preds"].items():
+        col = f"pred_{name}"
+        out[col] = ""
+        out.loc[ok, col] = np.array(classes, dtype=object)[pred]
+    flags = out["flags"].fillna("").astype(str).to_numpy() if "flags" in out.columns else np.full(n_all, "")
+    # a rerun replaces the flags this stage owns and keeps the scan's
+    flags = np.array([";".join(f for f in str(c).split(";") if f and f not in ("off_class", "outlier"))
+                      for c in flags], dtype=object)
+    ok_idx = np.flatnonzero(ok)
+    for i in ok_idx[off]:
+        flags[i] = add_flag(flags[i], "off_class")
+    for i in ok_idx[outlier]:
+        flags[i] = add_flag(flags[i], "outlier")
+    out["flags"] = flags
+
+    model_name = rep.name
+    if rep.oof_probs is not None:
+        atomic_save_npy(run_dir / f"oof_{model_name}.npy", full(rep.oof_probs.astype(np.float32)))
+    else:
+        atomic_save_npy(run_dir / "oof_knn.npy", full(s["mean_probs"].astype(np.float32)))
+    atomic_save_npy(run_dir / "embeddings.npy", full(rep.embeddings.astype(np.float32), 0.0))
+    atomic_write_csv(run_dir / "clusters.csv", _cluster_table(good, classes, labels, s))
+    atomic_write_csv(run_dir / "manifest.csv", out)
+
+
+def _cluster_table(good: pd.DataFrame, classes: list[str], labels: np.ndarray, s: dict,
+                   examples: int = 5) -> pd.DataFrame:
+    """One row per within-class cluster, lowest score first, with its most suspicious example files."""
+    rows = []
+    for r in s["clusters"].itertuples():
+        members = np.flatnonzero((labels == r.label_index) & (s["cluster"] == r.cluster))
+        members = members[np.argsort(s["label_quality"][members])]
+        rows.append({"label": classes[r.label_index], "cluster": int(r.cluster), "size": int(r.size),
+                     "score": round(float(r.score), 4),
+                     "mean_label_quality": round(float(s["label_quality"][members].mean()), 4),
+                     "examples": ";".join(good["filepath"].iloc[members[:examples]])})
+    table = pd.DataFrame(rows, columns=["label", "cluster", "size", "score", "mean_label_quality", "examples"])
+    return table.sort_values(["score", "label", "cluster"]).reset_index(drop=True)

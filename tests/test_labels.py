@@ -1,0 +1,138 @@
+"""`curate flag`: the scoring functions and the --fast stage end to end on real photos."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from curate import labels as L
+from curate.io import CurateError, read_manifest
+
+
+def _blobs(rng: np.random.Generator, centre: np.ndarray, n: int, spread: float = 0.05) -> np.ndarray:
+    return centre + spread * rng.standard_normal((n, len(centre)))
+
+
+def _two_classes_with_a_foreign_group(seed: int = 0):
+    """Class 0: 40 photos around A plus a coherent group of 6 that looks like class 1; class 1: 40 around B."""
+    rng = np.random.default_rng(seed)
+    a, b = np.eye(8)[0], np.eye(8)[1]
+    emb = np.concatenate([_blobs(rng, a, 40), _blobs(rng, b + 0.3 * np.eye(8)[2], 6), _blobs(rng, b, 40)])
+    labels = np.array([0] * 46 + [1] * 40)
+    foreign = np.arange(40, 46)
+    return emb, labels, foreign
+
+
+def test_knn_quality_is_low_for_photos_whose_neighbours_carry_another_label():
+    emb, labels, foreign = _two_classes_with_a_foreign_group()
+    q = L.knn_quality(emb, labels, 2, k=5)
+    assert q.min() >= 0 and q.max() <= 1
+    assert q[foreign].max() < np.median(q[:40])
+
+
+def test_knn_never_counts_a_photo_as_its_own_neighbour():
+    emb = np.array([[1.0, 0], [1.0, 0.01], [0, 1.0], [0.01, 1.0]])
+    idx, _ = L.knn_neighbours(emb, k=1)
+    assert list(idx[:, 0]) == [1, 0, 3, 2]
+
+
+def test_cluster_quality_puts_the_coherent_foreign_group_last():
+    emb, labels, foreign = _two_classes_with_a_foreign_group()
+    q, cluster, table = L.cluster_quality(emb, labels, 2, cluster_size=10)
+    assert set(np.argsort(q)[:6]) == set(foreign)
+    assert len(set(cluster[foreign])) == 1
+    worst = table.sort_values("score").iloc[0]
+    assert worst["label_index"] == 0 and worst["size"] == 6
+
+
+def test_cleanlab_quality_flags_a_confidently_contradicted_label():
+    labels = np.array([0] * 30 + [1] * 30)
+    probs = np.where(labels[:, None] == np.arange(2), 0.9, 0.1)
+    probs[5] = [0.02, 0.98]
+    q, issues = L.cleanlab_quality(labels, probs)
+    assert np.argmin(q) == 5 and issues[5] and issues.sum() == 1
+
+
+def test_combine_averages_percentile_ranks_and_respects_weights():
+    a = np.array([1.0, 2.0, 3.0, 4.0])
+    b = np.array([40.0, 30.0, 20.0, 10.0])
+    assert np.allclose(L.combine({"x": a, "y": b}, {"x": 1, "y": 1}), 0.625)
+    only_a = L.combine({"x": a, "y": b}, {"x": 1, "y": 0})
+    assert list(np.argsort(only_a)) == [0, 1, 2, 3] and only_a.max() <= 1
+    with pytest.raises(CurateError):
+        L.combine({"x": a}, {"x": 0})
+
+
+def test_score_keeps_embedding_spaces_apart():
+    emb, labels, foreign = _two_classes_with_a_foreign_group()
+    # the same data in a second, rotated space (another fold's model): kNN must not mix the two
+    rot = np.linalg.qr(np.random.default_rng(1).standard_normal((8, 8)))[0]
+    both = np.concatenate([emb, emb @ rot])
+    space = np.repeat([0, 1], len(emb))
+    s = L.score(both, np.concatenate([labels, labels]), 2, {}, L.FlagConfig(knn_k=5, cluster_size=10), space=space)
+    np.testing.assert_allclose(s["q_knn"][: len(emb)], s["q_knn"][len(emb):], atol=1e-6)
+    assert s["label_quality"].shape == (2 * len(emb),)
+    assert s["clusters"].groupby("label_index")["cluster"].apply(lambda c: c.is_unique).all()
+
+
+def _scanned_run(dataset: Path, run: Path, error_file: str | None = None) -> Path:
+    files = sorted(p.relative_to(dataset).as_posix() for p in dataset.glob("*/*.jpg"))
+    df = pd.DataFrame({"filepath": files, "label": [f.split("/")[0] for f in files], "flags": "", "error": ""})
+    df.loc[0, "flags"] = "blurry"
+    if error_file:
+        df.loc[df["filepath"] == error_file, "error"] = "cannot identify image file"
+    run.mkdir(parents=True)
+    df.to_csv(run / "manifest.csv", index=False)
+    (run / "scan.json").write_text(json.dumps({"data": str(dataset)}))
+    return run
+
+
+def test_flag_fast_end_to_end_on_real_photos(small_dataset, tmp_path):
+    # a few roses filed as daisies: the stage must score them, not prove it finds them on 30 photos
+    for src in sorted((small_dataset / "roses").glob("*.jpg"))[:2]:
+        shutil.move(src, small_dataset / "daisy" / f"moved_{src.name}")
+    bad = sorted(p.relative_to(small_dataset).as_posix() for p in (small_dataset / "tulips").glob("*.jpg"))[0]
+    run = _scanned_run(small_dataset, tmp_path / "run", error_file=bad)
+    L.flag(run, folds=3, fast=True, progress=False)
+
+    df = read_manifest(run / "manifest.csv")
+    for col in ["label_quality", "q_cleanlab", "q_knn", "q_cluster", "suggested_label", "cluster",
+                "models_disagreeing", "pred_knn"]:
+        assert col in df.columns, col
+    scored = df[df["error"] == ""]
+    assert scored["label_quality"].between(0, 1).all() and scored["q_cluster"].notna().all()
+    assert set(scored["suggested_label"]) <= {"daisy", "dandelion", "roses", "sunflowers", "tulips"}
+    errored = df[df["filepath"] == bad].iloc[0]
+    assert pd.isna(errored["label_quality"]) and pd.isna(errored["suggested_label"])
+    assert "blurry" in df.loc[0, "flags"]  # scan's flags survive
+
+    n_cls = 5
+    oof = np.load(run / "oof_knn.npy")
+    assert oof.shape == (len(df), n_cls) and np.isnan(oof[df["filepath"] == bad]).all()
+    assert np.load(run / "embeddings.npy").shape[0] == len(df)
+    clusters = pd.read_csv(run / "clusters.csv")
+    assert list(clusters.columns[:4]) == ["label", "cluster", "size", "score"]
+    assert clusters["size"].sum() == len(scored)
+    assert clusters["score"].is_monotonic_increasing
+
+    # rerunning replaces this stage's flags rather than piling them up
+    first = df["flags"].tolist()
+    L.flag(run, folds=3, fast=True, progress=False)
+    assert read_manifest(run / "manifest.csv")["flags"].tolist() == first
+
+
+def test_flag_usage_errors(small_dataset, tmp_path):
+    run = _scanned_run(small_dataset, tmp_path / "run")
+    with pytest.raises(CurateError, match="at least 2 folds"):
+        L.flag(run, folds=1, fast=True, progress=False)
+    with pytest.raises(CurateError, match="expected 'vit'"):
+        L.flag(run, embeddings="magic", progress=False)
+    with pytest.raises(CurateError, match="--fast"):
+        L.flag(run, embeddings="vit", fast=True, progress=False)
+    with pytest.raises(CurateError, match="fewer than --folds"):
+        L.flag(run, folds=10, embeddings="vit", progress=False)
