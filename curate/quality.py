@@ -23,6 +23,7 @@ DATA_RELATIVE_ISSUES = {
     "low_information": ("entropy", "low"),
 }
 
+_LEVELS = np.arange(256, dtype=np.float64)
 _MAD_TO_SIGMA = 1.4826  # MAD * this estimates the standard deviation of a normal distribution
 
 
@@ -53,17 +54,19 @@ def image_metrics(gray: np.ndarray, rgb: np.ndarray | None = None) -> dict[str, 
     bits, 0..8: low = little information), `chroma` (mean absolute channel difference in grey
     levels, 0 for a grey image; NaN without `rgb`).
     """
-    blur = float(cv2.Laplacian(gray, cv2.CV_64F).var())
-    hist = np.bincount(gray.ravel(), minlength=256).astype(np.float64)
+    # cv2 rather than numpy for the per-pixel work: the scan calls this for every file
+    _, lap_std = cv2.meanStdDev(cv2.Laplacian(gray, cv2.CV_32F))
+    blur = float(lap_std[0, 0]) ** 2
+    hist = cv2.calcHist([gray], [0], None, [256], [0, 256]).ravel().astype(np.float64)
     n = hist.sum()
-    levels = np.arange(256, dtype=np.float64)
-    mean = float(hist @ levels / n)
-    std = float(np.sqrt(max(hist @ (levels - mean) ** 2 / n, 0.0)))
+    mean = float(hist @ _LEVELS / n)
+    std = float(np.sqrt(max(hist @ (_LEVELS - mean) ** 2 / n, 0.0)))
     p = hist[hist > 0] / n
     entropy = float(-(p * np.log2(p)).sum()) + 0.0  # + 0.0 turns -0.0 into 0.0
     chroma = float("nan")
     if rgb is not None:
-        chroma = float(cv2.absdiff(rgb[..., 0], rgb[..., 1]).mean() + cv2.absdiff(rgb[..., 1], rgb[..., 2]).mean()) / 2
+        r, g, b = cv2.split(np.ascontiguousarray(rgb))
+        chroma = (cv2.mean(cv2.absdiff(r, g))[0] + cv2.mean(cv2.absdiff(g, b))[0]) / 2
     return {"blur": blur, "brightness": mean / 255.0, "contrast": std / 255.0, "entropy": entropy, "chroma": chroma}
 
 

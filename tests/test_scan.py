@@ -21,7 +21,7 @@ from PIL import Image
 
 from curate import cli
 from curate.io import CurateError, read_manifest
-from curate.scan import ISSUES, MANIFEST_COLUMNS, ScanConfig, scan, scan_file
+from curate.scan import ISSUES, MANIFEST_COLUMNS, ScanConfig, image_hashes, scan, scan_file
 
 
 def _flags(manifest: pd.DataFrame, path: str) -> set[str]:
@@ -63,12 +63,19 @@ def test_scan_writes_the_run_folder(small_dataset: Path, tmp_path: Path) -> None
 def test_hashes_equal_imagehash_on_the_working_image(tmp_path: Path) -> None:
     """pHash/dHash are imagehash's, computed on the reduced image the scan decodes."""
     config = ScanConfig()
+
+    def reduced(im: Image.Image, side: int) -> Image.Image:
+        factor = 1
+        while factor < 8 and min(im.size) // (factor * 2) >= side:
+            factor *= 2
+        return im.reduce(factor)
+
     photos = real_photos(8)
     for src in photos:
         row = scan_file(src.parent.parent, f"{src.parent.name}/{src.name}", config)
         im = Image.open(src)
         im.draft("RGB", (config.decode_size, config.decode_size))
-        gray = im.convert("RGB").convert("L")
+        gray = reduced(im.convert("RGB").convert("L"), 32)
         assert row["phash"] == str(imagehash.phash(gray)), src
         assert row["dhash"] == str(imagehash.dhash(gray)), src
     # a PNG is not drafted but reduced by the same power-of-two rule
@@ -76,13 +83,16 @@ def test_hashes_equal_imagehash_on_the_working_image(tmp_path: Path) -> None:
     png_dir.mkdir(parents=True)
     Image.open(photos[0]).save(png_dir / "p.png")
     row = scan_file(tmp_path / "png", "c/p.png", config)
-    im = Image.open(png_dir / "p.png")
-    factor = 1
-    while factor < 8 and min(im.size) // (factor * 2) >= config.decode_size:
-        factor *= 2
-    gray = im.convert("RGB").reduce(factor).convert("L")
+    gray = reduced(reduced(Image.open(png_dir / "p.png").convert("RGB"), config.decode_size).convert("L"), 32)
     assert row["phash"] == str(imagehash.phash(gray))
     assert row["dhash"] == str(imagehash.dhash(gray))
+    # and on every photo of a class, the hashes of the scan's working image are imagehash's
+    for src in real_photos(10_000, ["roses"]):
+        with Image.open(src) as im:
+            im.draft("RGB", (config.decode_size, config.decode_size))
+            gray = reduced(im.convert("RGB").convert("L"), 32)
+        p, d = image_hashes(gray)
+        assert (p, d) == (str(imagehash.phash(gray)), str(imagehash.dhash(gray))), src
 
 
 def _png_bomb(width: int, height: int) -> bytes:
