@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 from runfolder import add_flag, add_flag_columns, manifest_of, write_run
+from test_fiftyone import private_mongo  # noqa: F401 -- a private MongoDB for the review-tag test
 
 from curate import cli
 from curate.export import POLICIES, assign_splits, build_cleaned, export, load_tables
@@ -193,3 +194,23 @@ def test_export_without_a_fiftyone_dataset_does_not_import_fiftyone(messy_run):
                          cwd=Path(__file__).resolve().parents[1])
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "False"
+
+
+@pytest.mark.usefixtures("private_mongo")
+def test_review_tags_made_in_fiftyone_override_the_export(messy_run):
+    """The whole loop: build the run's FiftyOne dataset, tag samples as a reviewer would, export."""
+    from curate.fiftyone_bridge import build_dataset
+
+    run, role = messy_run
+    dataset = build_dataset(run, progress=False)
+    dataset.match({"relpath": role["off_class"]}).tag_samples("relabel:tulips")
+    dataset.match({"relpath": role["blurry"]}).tag_samples("reject")
+    dataset.match({"relpath": role["cross_a"]}).tag_samples("keep")
+    assert cli.main(["export", "--run", str(run)]) == 0
+    reasons = _reasons(run)
+    cleaned = pd.read_csv(run / "cleaned.csv").set_index("filepath")
+    assert cleaned.loc[role["off_class"], "label"] == "tulips"
+    assert reasons[role["blurry"]] == "review_reject"
+    assert role["cross_a"] in cleaned.index and reasons[role["cross_b"]] == "cross_label_duplicate"
+    summary = pd.read_json(run / "export.json", typ="series")
+    assert summary["review_tags"] == 3
