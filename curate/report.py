@@ -415,7 +415,7 @@ def section_duplicates(art: RunArtifacts, thumbs: Thumbnails) -> str:
     parts = []
     groups = list(dup.groupby("dup_group", sort=False))
     # cross-label groups first: they are the ones that teach the model two answers for one photo
-    groups.sort(key=lambda g: (g[1]["label"].nunique() == 1, g[0]))
+    groups.sort(key=lambda g: (g[1]["label"].nunique() == 1, int(g[0]) if str(g[0]).isdigit() else 1 << 62, g[0]))
     for gid, g in groups[:MAX_DUP_GROUPS]:
         cross = g["label"].nunique() > 1
         figs = []
