@@ -37,6 +37,8 @@ class Representation:
     embeddings: np.ndarray  # N x D, float32, rows in manifest order (rows with errors are zeros)
     oof_probs: np.ndarray | None = None  # N x C, columns = sorted class names
     space: np.ndarray | None = None  # rows with equal values share an embedding space (the fold's model)
+    common: np.ndarray | None = None  # N x D in one space for every photo (in-sample), when there is one
+    groups: np.ndarray | None = None  # the visual groups the folds kept together, when grouped
 
 
 # ---------------------------------------------------------------- decoded image cache
@@ -208,12 +210,16 @@ class KFoldRecipe:
     label_smoothing: float = 0.1
     flip_tta: bool = True  # average predictions over the photo and its mirror image
 
-    def vit_config(self):
-        from train.presets import ViTConfig
+    def preset(self):
+        """This recipe as a train.presets.Preset (conv-stem ViT, AdamW, warm-up + cosine)."""
+        from train.presets import Preset, ViTConfig
 
-        return ViTConfig(image_size=self.image_size, patch_size=self.patch_size, num_layers=self.num_layers,
-                         hidden_dim=self.hidden_dim, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-                         dropout=0.1, stem="conv")
+        model = ViTConfig(image_size=self.image_size, patch_size=self.patch_size, num_layers=self.num_layers,
+                          hidden_dim=self.hidden_dim, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                          dropout=0.1, stem="conv")
+        return Preset(name="flag-kfold", model=model, batch_size=self.batch_size, epochs=self.epochs,
+                      learning_rate=self.learning_rate, weight_decay=self.weight_decay,
+                      warmup_epochs=max(1, self.epochs // 10), label_smoothing=self.label_smoothing)
 
 
 def fold_assignment(labels: np.ndarray, folds: int, seed: int = 0, groups: np.ndarray | None = None) -> np.ndarray:
@@ -232,27 +238,18 @@ def fold_assignment(labels: np.ndarray, folds: int, seed: int = 0, groups: np.nd
 
 
 def train_fold(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n_classes: int,
-               recipe: KFoldRecipe, seed: int = 0, verbose: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Train one ViT on (x_train, y_train); return (probabilities, class-token embeddings) of x_test."""
-    import keras
+               recipe: KFoldRecipe, seed: int = 0, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Train one ViT (train.fit.fit_arrays) on (x_train, y_train); return (probabilities, class-token
+    embeddings) of x_test, averaged over the photo and its mirror image when `recipe.flip_tta`."""
+    from train.fit import fit_arrays, predict_arrays
 
-    from train.model import build_vit, embedding_model
-
-    keras.utils.set_random_seed(seed)
-    model = build_vit(recipe.vit_config(), n_classes, seed=seed)
-    steps = max(1, int(np.ceil(len(x_train) / recipe.batch_size))) * recipe.epochs
-    schedule = keras.optimizers.schedules.CosineDecay(0.0, steps, alpha=0.0, warmup_target=recipe.learning_rate,
-                                                      warmup_steps=max(1, steps // 10))
-    model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=recipe.weight_decay, clipnorm=1.0),
-                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing))
-    y_onehot = np.eye(n_classes, dtype="float32")[y_train]
-    model.fit(x_train, y_onehot, batch_size=recipe.batch_size, epochs=recipe.epochs, shuffle=True, verbose=verbose)
-    both = embedding_model(model)
-    probs, emb = both.predict(x_test, batch_size=256, verbose=0)
+    model = fit_arrays(x_train, y_train, preset=recipe.preset(), seed=seed, progress=progress,
+                       num_classes=n_classes)
+    probs, emb = predict_arrays(model, x_test)
     if recipe.flip_tta:
-        probs_f, emb_f = both.predict(x_test[:, :, ::-1], batch_size=256, verbose=0)
+        probs_f, emb_f = predict_arrays(model, np.ascontiguousarray(x_test[:, :, ::-1]))
         probs, emb = (probs + probs_f) / 2, (emb + emb_f) / 2
-    return np.asarray(probs, np.float32), np.asarray(emb, np.float32)
+    return probs, emb
 
 
 def _fingerprint(*parts) -> str:
@@ -264,40 +261,74 @@ def _fingerprint(*parts) -> str:
     return h.hexdigest()[:16]
 
 
+def visual_groups(emb: np.ndarray, labels: np.ndarray, group_size: int, seed: int = 0) -> np.ndarray:
+    """Group id per photo: k-means within each class, about `group_size` photos per group."""
+    from sklearn.cluster import KMeans
+
+    z = emb / (np.linalg.norm(emb, axis=1, keepdims=True) + 1e-8)
+    groups = np.zeros(len(labels), dtype=int)
+    next_id = 0
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        k = int(np.clip(round(len(members) / group_size), 1, len(members)))
+        assign = KMeans(k, n_init=3, random_state=seed).fit_predict(z[members]) if k > 1 else np.zeros(len(members))
+        groups[members] = next_id + assign.astype(int)
+        next_id += k
+    return groups
+
+
+def _cached_fit(path: Path, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n_classes: int,
+                recipe: KFoldRecipe, seed: int, progress: bool) -> tuple[np.ndarray, np.ndarray, bool]:
+    """train_fold, or its saved result at `path`; the result is saved atomically. Third value: reused."""
+    from curate.io import atomic_path
+
+    if path.exists():
+        saved = np.load(path)
+        return saved["probs"], saved["emb"], True
+    p, e = train_fold(x_train, y_train, x_test, n_classes, recipe, seed=seed)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, probs=p, emb=e)
+    return p, e, False
+
+
 def vit_kfold(run_dir: Path, data_root: Path, manifest: pd.DataFrame, classes: list[str], cfg,
-              progress: bool = False, recipe: KFoldRecipe | None = None, groups: np.ndarray | None = None,
-              name: str = "vit") -> Representation:
+              progress: bool = False, recipe: KFoldRecipe | None = None, name: str = "vit") -> Representation:
     """Out-of-fold probabilities and class-token embeddings of the own ViT, trained `cfg.folds` times.
 
-    Each fold's predictions are saved atomically to `<run>/cache/<name>_fold<k>of<K>_<fingerprint>.npz`
+    With `cfg.group_folds`, a first ViT is trained on every photo; its embeddings (one space for all
+    photos, though in-sample) are clustered within each class, and the folds keep each cluster together,
+    so a coherent off-class group (parade photos in roses/) is scored by models that saw none of it.
+    Each model's predictions are saved atomically to `<run>/cache/<name>_*_<fingerprint>.npz`
     (fingerprint = files, labels, folds and recipe), so an interrupted run resumes at the first
     unfinished fold.
     """
     recipe = recipe or KFoldRecipe()
     filepaths = manifest["filepath"].astype(str).tolist()
     labels = manifest["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
-    fold = fold_assignment(labels, cfg.folds, cfg.seed, groups)
-    tag = _fingerprint(np.array(filepaths, dtype=object).astype(str).astype("U"), labels, fold, recipe, cfg.seed)
     images = load_images(run_dir, data_root, filepaths, recipe.image_size, progress)
+    cache = Path(run_dir) / "cache"
+    base = _fingerprint(np.array(filepaths, dtype="U"), labels, recipe, cfg.seed)
+    n_models = cfg.folds + int(cfg.group_folds)
+    bar = _bar(n_models, f"{name} {cfg.folds}-fold", progress)
+    common = None
+    groups = None
+    if cfg.group_folds:
+        _, common, reused = _cached_fit(cache / f"{name}_all_{base}.npz", images, labels, images, len(classes),
+                                        recipe, cfg.seed + 100, progress)
+        groups = visual_groups(common, labels, cfg.group_size, cfg.seed)
+        bar(1)
+    fold = fold_assignment(labels, cfg.folds, cfg.seed, groups)
+    tag = _fingerprint(base, fold)
     probs = np.zeros((len(labels), len(classes)), np.float32)
     emb = np.zeros((len(labels), recipe.hidden_dim), np.float32)
-    bar = _bar(cfg.folds, f"{name} {cfg.folds}-fold", progress)
     for k in range(cfg.folds):
-        done = Path(run_dir) / "cache" / f"{name}_fold{k}of{cfg.folds}_{tag}.npz"
         test = np.flatnonzero(fold == k)
-        if done.exists():
-            saved = np.load(done)
-            probs[test], emb[test] = saved["probs"], saved["emb"]
-            log.info("%s fold %d/%d: reusing %s", name, k + 1, cfg.folds, done.name)
-        else:
-            train_idx = np.flatnonzero(fold != k)
-            p, e = train_fold(images[train_idx], labels[train_idx], images[test], len(classes), recipe,
-                              seed=cfg.seed + k)
-            probs[test], emb[test] = p, e
-            from curate.io import atomic_path
-
-            with atomic_path(done) as tmp, open(tmp, "wb") as f:
-                np.savez(f, probs=p, emb=e)
+        train_idx = np.flatnonzero(fold != k)
+        p, e, reused = _cached_fit(cache / f"{name}_fold{k}of{cfg.folds}_{tag}.npz", images[train_idx],
+                                   labels[train_idx], images[test], len(classes), recipe, cfg.seed + k, progress)
+        probs[test], emb[test] = p, e
+        if reused:
+            log.info("%s fold %d/%d: reused its saved predictions", name, k + 1, cfg.folds)
         bar(1)
     bar(None)
-    return Representation(name, emb, probs, space=fold)
+    return Representation(name, emb, probs, space=fold, common=common, groups=groups)

@@ -51,7 +51,9 @@ class FlagConfig:
     weights: dict[str, float] = field(default_factory=lambda: {"q_cleanlab": 1.0, "q_knn": 1.0, "q_cluster": 1.0})
     outlier_z: float = 3.5  # robust z of the distance to the nearest class centre
     max_off_class_fraction: float = 0.2  # never flag more than this share of a run as off_class
-    image_size: int = 96  # cached decode size; representations resize from it
+    image_size: int = 96  # decode size of the cheap features
+    group_folds: bool = True  # K-fold ViT: keep visual clusters of a first all-data ViT within one fold
+    group_size: int = 20  # photos per visual group for the grouped folds
     seed: int = 0
 
 

@@ -101,7 +101,7 @@ def test_vit_kfold_tiny_gives_out_of_fold_scores_and_resumes(small_dataset, tmp_
     classes = sorted(df["label"].unique())
     recipe = embed.KFoldRecipe(image_size=16, patch_size=8, num_layers=1, hidden_dim=8, num_heads=2, mlp_dim=16,
                                epochs=1, batch_size=8)
-    cfg = FlagConfig(folds=2)
+    cfg = FlagConfig(folds=2, group_folds=False)
     run = tmp_path / "run"
     seen_train: list[set] = []
     real_train_fold = embed.train_fold
@@ -127,3 +127,18 @@ def test_vit_kfold_tiny_gives_out_of_fold_scores_and_resumes(small_dataset, tmp_
     monkeypatch.setattr(embed, "train_fold", must_not_train)
     again = embed.vit_kfold(run, small_dataset, df, classes, cfg, recipe=recipe)
     np.testing.assert_array_equal(again.oof_probs, rep.oof_probs)
+
+
+def test_vit_kfold_grouped_keeps_each_visual_group_in_one_fold(small_dataset, tmp_path):
+    from curate.labels import FlagConfig
+
+    df = _manifest(small_dataset)
+    classes = sorted(df["label"].unique())
+    recipe = embed.KFoldRecipe(image_size=16, patch_size=8, num_layers=1, hidden_dim=8, num_heads=2, mlp_dim=16,
+                               epochs=1, batch_size=8)
+    rep = embed.vit_kfold(tmp_path / "run", small_dataset, df, classes, FlagConfig(folds=2, group_size=3),
+                          recipe=recipe)
+    assert rep.common.shape == (len(df), 8) and rep.groups is not None
+    for g in np.unique(rep.groups):
+        assert len(set(rep.space[rep.groups == g])) == 1
+    assert len(list((tmp_path / "run" / "cache").glob("vit_*.npz"))) == 3  # the all-data model + 2 folds
