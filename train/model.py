@@ -122,7 +122,7 @@ def conv_stem(x, cfg: ViTConfig):
     for i in range(steps):
         filters = max(16, cfg.hidden_dim // 2 ** (steps - 1 - i))
         x = layers.Conv2D(filters, 3, strides=2, padding="same", use_bias=False, name=f"stem_conv{i}")(x)
-        x = layers.BatchNormalization(name=f"stem_bn{i}")(x)
+        x = layers.BatchNormalization(momentum=0.9, name=f"stem_bn{i}")(x)  # short runs: track stats fast
         x = layers.Activation("gelu", name=f"stem_gelu{i}")(x)
     x = layers.Conv2D(cfg.hidden_dim, 1, name="patch_embedding")(x)
     side = cfg.image_size // cfg.patch_size

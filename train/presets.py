@@ -108,7 +108,7 @@ SEED = Preset(
 # A whole flower_photos run in <= 20 minutes on 2 CPU cores: 64 px, 8x8 tokens from a conv stem.
 CPU = Preset(
     name="cpu",
-    model=ViTConfig(image_size=64, patch_size=8, num_layers=6, hidden_dim=128, num_heads=4, mlp_dim=256,
+    model=ViTConfig(image_size=64, patch_size=16, num_layers=6, hidden_dim=128, num_heads=4, mlp_dim=256,
                     dropout=0.1, stem="conv"),
     batch_size=64, epochs=40, optimizer="adamw", learning_rate=1e-3, weight_decay=0.05, clipnorm=1.0,
     schedule="cosine", warmup_epochs=3, label_smoothing=0.1,

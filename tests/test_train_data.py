@@ -1,0 +1,117 @@
+"""Manifest checks, splits and the cached image loader of train/data.py, on real photos."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import real_photos
+
+from curate.io import CurateError
+from train import data as tdata
+
+
+def _manifest(root) -> pd.DataFrame:
+    rows = [(p.relative_to(root).as_posix(), p.parent.name) for p in sorted(root.glob("*/*.jpg"))]
+    return pd.DataFrame(rows, columns=["filepath", "label"])
+
+
+def test_splits_are_stratified_deterministic_and_keep_existing_ones():
+    df = pd.DataFrame({"filepath": [f"{c}/{i}.jpg" for c in "abc" for i in range(20)],
+                       "label": [c for c in "abc" for _ in range(20)]})
+    s1, s2 = tdata.assign_splits(df, seed=0), tdata.assign_splits(df, seed=0)
+    assert s1["split"].tolist() == s2["split"].tolist()
+    for _, g in s1.groupby("label"):
+        assert g["split"].value_counts().to_dict() == {"train": 16, "val": 2, "test": 2}
+    assert tdata.assign_splits(df, seed=1)["split"].tolist() != s1["split"].tolist()
+    given = df.assign(split=["test"] * 30 + [""] * 30)
+    out = tdata.assign_splits(given, seed=0)
+    assert (out["split"][:30] == "test").all()
+    assert set(out["split"][30:]) == {"train", "val", "test"}
+
+
+def test_a_photo_keeps_its_split_when_other_rows_are_removed():
+    df = pd.DataFrame({"filepath": [f"a/{i}.jpg" for i in range(100)], "label": "a"})
+    full = tdata.assign_splits(df).set_index("filepath")["split"]
+    part = tdata.assign_splits(df.drop(index=[3, 50])).set_index("filepath")["split"]
+    assert (full[part.index] == part).mean() > 0.9
+
+
+def test_rows_with_other_split_values_are_ignored():
+    df = pd.DataFrame({"filepath": ["a/1.jpg", "a/2.jpg", "a/3.jpg"], "label": "a",
+                       "split": ["train", "excluded", "test"]})
+    assert tdata.usable_rows(df)["filepath"].tolist() == ["a/1.jpg", "a/3.jpg"]
+
+
+def test_check_manifest_refuses_bad_input(small_dataset):
+    df = _manifest(small_dataset)
+    assert len(tdata.check_manifest(df, small_dataset)) == len(df)
+    with pytest.raises(CurateError, match="label"):
+        tdata.check_manifest(df[["filepath"]], small_dataset)
+    with pytest.raises(CurateError, match="escapes"):
+        tdata.check_manifest(pd.concat([df, pd.DataFrame({"filepath": ["../x.jpg"], "label": ["daisy"]})]),
+                             small_dataset)
+    lonely = pd.concat([df, pd.DataFrame({"filepath": ["daisy/x.jpg"], "label": ["lonely"]})])
+    with pytest.raises(CurateError, match="lonely"):
+        tdata.check_manifest(lonely, small_dataset)
+
+
+def test_load_images_decodes_once_then_reads_the_cache(small_dataset, tmp_path, monkeypatch):
+    df = _manifest(small_dataset).head(6)
+    cache = tmp_path / "cache"
+    imgs, ok = tdata.load_images(df, small_dataset, 48, cache_dir=cache)
+    assert ok.all() and imgs.shape == (6, 48, 48, 3) and imgs.dtype == np.uint8
+    assert imgs.reshape(6, -1).std(1).min() > 5  # real pictures, not blank
+    assert len(list(cache.rglob("*.npy"))) == 6
+
+    def no_decode(*a, **k):
+        raise AssertionError("decoded again despite the cache")
+
+    monkeypatch.setattr(tdata, "decode_image", no_decode)
+    again, ok2 = tdata.load_images(df, small_dataset, 48, cache_dir=cache)
+    assert ok2.all()
+    np.testing.assert_array_equal(again, imgs)
+
+
+def test_cache_is_keyed_by_content_and_size(small_dataset, tmp_path):
+    df = _manifest(small_dataset).head(2)
+    cache = tmp_path / "cache"
+    a, _ = tdata.load_images(df, small_dataset, 32, cache_dir=cache)
+    # Swap the two files' contents: the cache must follow the content, not the name.
+    p0, p1 = (small_dataset / f for f in df["filepath"])
+    tmp = tmp_path / "swap.jpg"
+    shutil.copyfile(p0, tmp)
+    shutil.copyfile(p1, p0)
+    shutil.copyfile(tmp, p1)
+    b, _ = tdata.load_images(df, small_dataset, 32, cache_dir=cache)
+    np.testing.assert_array_equal(b[0], a[1])
+    c, _ = tdata.load_images(df, small_dataset, 40, cache_dir=cache)
+    assert c.shape[1:] == (40, 40, 3)
+
+
+def test_unreadable_files_are_skipped_with_a_warning_naming_them(small_dataset, tmp_path, caplog):
+    bad = small_dataset / "daisy" / "broken.jpg"
+    bad.write_bytes(real_photos(1, ["daisy"])[0].read_bytes()[:200])
+    df = _manifest(small_dataset)
+    with caplog.at_level(logging.WARNING, logger="curate.train"):
+        _, ok = tdata.load_images(df, small_dataset, 32, cache_dir=tmp_path / "c")
+    assert not ok[df["filepath"] == "daisy/broken.jpg"].any()
+    assert ok.sum() == len(df) - 1
+    assert "daisy/broken.jpg" in caplog.text
+
+
+def test_decode_image_uses_reduced_size_decode_and_returns_rgb():
+    photo = real_photos(1, ["sunflowers"])[0]
+    small = tdata.decode_image(photo, 64)
+    assert small.shape == (64, 64, 3) and small.dtype == np.uint8
+    big = tdata.decode_image(photo, 200)
+    # the reduced-size decode agrees with a full-size decode to within resampling noise
+    from PIL import Image
+
+    with Image.open(photo) as im:
+        ref = np.asarray(im.convert("RGB").resize((64, 64), Image.Resampling.BILINEAR), dtype=np.float32)
+    assert np.abs(small.astype(np.float32) - ref).mean() < 8
+    assert big.shape == (200, 200, 3)
