@@ -15,8 +15,10 @@ Targets (issue 2): scan >= 3x faster than (a), scan within 1.5x of (b), warm >= 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -65,13 +67,20 @@ if __name__ == "__main__":
 """
 
 
-def _timed(cmd: list[str]) -> tuple[float, str]:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(cmd: list[str]) -> tuple[float, float, str]:
+    """(wall seconds, CPU seconds of the process and its workers, stdout) of one run of `cmd`."""
+    cpu0 = _children_cpu()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr}")
-    return elapsed, proc.stdout.strip()
+    return elapsed, _children_cpu() - cpu0, proc.stdout.strip()
 
 
 def _machine() -> str:
@@ -104,34 +113,48 @@ def main() -> None:
             path.read_bytes()
 
     tmp = Path(tempfile.mkdtemp(prefix="scan_bench_"))
-    times: dict[str, list[float]] = {"scan": [], "warm": [], "a": [], "b": []}
+    names = ["scan", "warm", "a", "b"]
+    wall: dict[str, list[float]] = {k: [] for k in names}
+    cpu: dict[str, list[float]] = {k: [] for k in names}
+    inside: dict[str, list[float]] = {"scan": [], "warm": []}  # scan()'s own time, from scan.json
     notes: dict[str, str] = {}
     try:
         for rep in range(args.repeats):
             out = tmp / f"run{rep}"
             scan_cmd = [CURATE, "scan", args.data, "--out", str(out), "--workers", str(args.workers), "-q"]
-            t, _ = _timed(scan_cmd)
-            times["scan"].append(t)
-            t, _ = _timed(scan_cmd)
-            times["warm"].append(t)
-            t, notes["a"] = _timed([PYTHON, "-c", PLAIN_LOOP, args.data])
-            times["a"].append(t)
-            t, notes["b"] = _timed([PYTHON, "-c", DECODE_FLOOR, args.data, str(decode_size), str(args.workers)])
-            times["b"].append(t)
-            print(f"run {rep + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+            commands = {
+                "scan": scan_cmd,
+                "warm": scan_cmd,
+                "a": [PYTHON, "-c", PLAIN_LOOP, args.data],
+                "b": [PYTHON, "-c", DECODE_FLOOR, args.data, str(decode_size), str(args.workers)],
+            }
+            for name in names:
+                w, c, notes[name] = _timed(commands[name])
+                wall[name].append(w)
+                cpu[name].append(c)
+                if name in inside:
+                    inside[name].append(json.loads((out / "scan.json").read_text())["seconds"])
+            print(f"run {rep + 1}: " + ", ".join(f"{k} {wall[k][-1]:.2f} s" for k in names), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print("\nmedian wall time of the whole process (s):")
-    print(f"  curate scan, cold cache          {med['scan']:7.2f}")
-    print(f"  curate scan, warm cache          {med['warm']:7.2f}")
-    print(f"  (a) plain imagehash loop         {med['a']:7.2f}   ({notes.get('a', '')})")
-    print(f"  (b) reduced decode, all cores    {med['b']:7.2f}   ({notes.get('b', '')})")
-    print("ratios:")
-    print(f"  (a) / scan  = {med['a'] / med['scan']:5.2f}x faster than the plain loop   (target >= 3)")
-    print(f"  scan / (b)  = {med['scan'] / med['b']:5.2f}x the decode-only floor         (target <= 1.5)")
-    print(f"  scan / warm = {med['scan'] / med['warm']:5.2f}x faster when re-scanned       (target >= 10)")
+    mw = {k: statistics.median(v) for k, v in wall.items()}
+    mc = {k: statistics.median(v) for k, v in cpu.items()}
+    mi = {k: statistics.median(v) for k, v in inside.items()}
+    print(f"\nmachine at the end: {_machine()}")
+    print("medians over the runs        wall s    CPU s (process + workers)")
+    print(f"  curate scan, cold cache    {mw['scan']:7.2f}  {mc['scan']:7.2f}   (scan() itself: {mi['scan']:.2f} s)")
+    print(f"  curate scan, warm cache    {mw['warm']:7.2f}  {mc['warm']:7.2f}   (scan() itself: {mi['warm']:.2f} s)")
+    print(f"  (a) plain imagehash loop   {mw['a']:7.2f}  {mc['a']:7.2f}   ({notes.get('a', '')})")
+    print(f"  (b) reduced decode floor   {mw['b']:7.2f}  {mc['b']:7.2f}   ({notes.get('b', '')})")
+    print("ratios (wall time of whole processes):")
+    print(f"  (a) / scan  = {mw['a'] / mw['scan']:5.2f}   times faster than the plain loop (target >= 3)")
+    print(f"  scan / (b)  = {mw['scan'] / mw['b']:5.2f}   times the decode-only floor (target <= 1.5)")
+    print(f"  scan / warm = {mw['scan'] / mw['warm']:5.2f}   times faster when re-scanned (target >= 10)")
+    print("same ratios in CPU time (insensitive to other load; (a) uses one core, the others all):")
+    print(f"  (a) / scan  = {mc['a'] / mc['scan']:5.2f}   scan / (b) = {mc['scan'] / mc['b']:5.2f}   "
+          f"scan / warm = {mc['scan'] / mc['warm']:5.2f}")
+    print(f"scan() itself, cold / warm = {mi['scan'] / mi['warm']:.1f}x (without interpreter start and imports)")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def image_metrics(gray: np.ndarray, rgb: np.ndarray | None = None) -> dict[str, 
     levels, 0 for a grey image; NaN without `rgb`).
     """
     # cv2 rather than numpy for the per-pixel work: the scan calls this for every file
-    _, lap_std = cv2.meanStdDev(cv2.Laplacian(gray, cv2.CV_32F))
+    _, lap_std = cv2.meanStdDev(cv2.Laplacian(gray, cv2.CV_16S))  # exact: |3x3 Laplacian of uint8| <= 1020
     blur = float(lap_std[0, 0]) ** 2
     hist = cv2.calcHist([gray], [0], None, [256], [0, 256]).ravel().astype(np.float64)
     n = hist.sum()

@@ -21,6 +21,7 @@ import os
 import pickle
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -413,7 +414,8 @@ def scan(data: str | os.PathLike, out: str | os.PathLike | None = None, workers:
         manifest["dup_group"] = dup_group
         manifest["flags"] = _merge_flags(manifest["flags"].tolist(), flag_arrays)
 
-        counts = {issue: int(sum(issue in f.split(";") for f in manifest["flags"])) for issue in ISSUES}
+        counts = Counter(name for cell in manifest["flags"] if cell for name in cell.split(";"))
+        counts = {issue: counts.get(issue, 0) for issue in ISSUES}
         groups = dups.groupby("dup_group")
         summary = {
             "data": str(root),
