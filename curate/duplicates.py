@@ -189,7 +189,8 @@ def find_duplicates(rows: pd.DataFrame, max_distance: int) -> tuple[pd.Series, p
     where the image could not be decoded), `width`, `height`, `error`. Only readable rows take part.
     Out: (`dup_group` per row: "" or a group id "1", "2", ... numbered in filepath order;
     the duplicates table with columns DUPLICATE_COLUMNS, one row per group member, `keep` True for
-    the largest image of each group (ties: first filepath), `distance` the pHash distance to it;
+    the largest image of each group (ties: first filepath), `distance` the pHash distance to it,
+    `kind` "exact" for a member with a byte-identical copy in the group, else "near";
     {flag: boolean array per row} for exact_duplicate, near_duplicate, cross_label_duplicate).
     """
     n = len(rows)

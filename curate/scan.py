@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import signal
 import time
 import warnings
 from collections import Counter
@@ -155,13 +156,22 @@ def scan_file(root: str | os.PathLike, relpath: str, config: ScanConfig) -> dict
     Out: one manifest row (MANIFEST_COLUMNS) with the per-file flags (corrupt, truncated,
     not_image, tiny, odd_aspect_ratio, grayscale) and `error` saying why a file could not be read.
     """
-    row = _empty_row(relpath)
-    path = os.path.join(root, relpath)
     try:
-        with open(path, "rb") as f:
+        with open(os.path.join(root, relpath), "rb") as f:
             data = f.read()
     except OSError as exc:
-        return _fail(row, "corrupt", f"cannot read file: {exc.strerror or exc}")
+        return unreadable_row(relpath, f"cannot read file: {exc.strerror or exc}")
+    return scan_bytes(data, relpath, config)
+
+
+def unreadable_row(relpath: str, reason: str) -> dict[str, Any]:
+    """The manifest row of a file that could not be read at all (flag `corrupt`, `error` = reason)."""
+    return _fail(_empty_row(relpath), "corrupt", reason)
+
+
+def scan_bytes(data: bytes, relpath: str, config: ScanConfig) -> dict[str, Any]:
+    """`scan_file`'s work on bytes already read (a Dask worker reads them through fsspec); never raises."""
+    row = _empty_row(relpath)
     row["bytes"] = len(data)
     row["sha256"] = hashlib.sha256(data).hexdigest()
     if not data:
@@ -323,6 +333,11 @@ def _scan_key(root: str, config: ScanConfig, item: tuple[str, int, int]) -> tupl
     return item, scan_file(root, item[0], config)
 
 
+def _ignore_sigint() -> None:
+    # Ctrl-C is the parent's to handle (it saves the cache and stops the pool); workers just get terminated
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _scan_local(root: Path, todo: list[tuple[str, int, int]], config: ScanConfig, workers: int,
                 progress: bool) -> Iterator[tuple[tuple[str, int, int], dict[str, Any]]]:
     """Yield (key, row) for every file in `todo`, on a process pool of `workers` (in-process for 1)."""
@@ -339,7 +354,7 @@ def _scan_local(root: Path, todo: list[tuple[str, int, int]], config: ScanConfig
         # fork: workers inherit the imported modules, so they start in milliseconds
         ctx = multiprocessing.get_context("fork")
         chunksize = max(1, min(64, len(todo) // (workers * 8)))
-        with ctx.Pool(workers) as pool:
+        with ctx.Pool(workers, initializer=_ignore_sigint) as pool:
             for result in pool.imap_unordered(work, todo, chunksize=chunksize):
                 yield result
                 bar.update()
@@ -363,25 +378,29 @@ def scan(data: str | os.PathLike, out: str | os.PathLike | None = None, workers:
     from curate.duplicates import DUPLICATE_COLUMNS, find_duplicates
 
     config = config or ScanConfig()
+    url, remote = None, False
+    if engine == "dask":  # DATA may also be an fsspec URL (file://, s3://, gs://), listed and read through fsspec
+        from curate.dask_engine import dask_rows, fsspec_walk, is_remote, split_url
+
+        data, url = split_url(data)
+        remote = is_remote(url)  # not on this machine: checked when listed
     root = Path(os.path.abspath(data))
-    if not root.exists():
+    if not remote and not root.exists():
         raise CurateError(f"{data}: no such folder")
-    if not root.is_dir():
+    if not remote and not root.is_dir():
         raise CurateError(f"{data}: not a folder (expected one sub-folder per class)")
     run_dir = Path(out) if out is not None else default_run_dir(root)
     if _inside(str(run_dir), os.path.realpath(root)):
         raise CurateError(f"{run_dir}: the run folder may not be inside DATA ({data}); DATA is never written to")
     if engine not in ("local", "dask"):
         raise CurateError(f"unknown engine {engine!r}: choose 'local' or 'dask'")
-    if engine == "dask":
-        raise CurateError("--engine dask: not implemented yet; use --engine local")
-    workers = workers or os.cpu_count() or 1
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise CurateError(f"--workers must be at least 1, not {workers}")
+    workers = workers or os.cpu_count() or 1
 
     started = time.perf_counter()
     with run_lock(run_dir, "scan"):
-        walk = walk_data(root)
+        walk = walk_data(root) if url is None else fsspec_walk(url)
         for item in walk.skipped:
             log.warning("%s: skipped: %s", item["path"], item["reason"])
         for name in walk.empty_classes:
@@ -396,7 +415,9 @@ def scan(data: str | os.PathLike, out: str | os.PathLike | None = None, workers:
         log.info("scan: %d files in %d classes, %d from the cache, %d to read", len(walk.files),
                  len(walk.classes), len(rows_by_key), len(todo))
         try:
-            for key, row in _scan_local(root, todo, config, workers, progress):
+            per_file = (_scan_local(root, todo, config, workers, progress) if engine == "local" else
+                        dask_rows(url or str(root), todo, config, run_dir, scheduler, workers, progress, use_cache))
+            for key, row in per_file:
                 rows_by_key[key] = row
         finally:
             if todo:  # keep what was done, so an interrupted scan resumes where it stopped
@@ -418,7 +439,7 @@ def scan(data: str | os.PathLike, out: str | os.PathLike | None = None, workers:
         counts = {issue: counts.get(issue, 0) for issue in ISSUES}
         groups = dups.groupby("dup_group")
         summary = {
-            "data": str(root),
+            "data": url if remote else str(root),
             "files": len(manifest),
             "classes": {c: int(n) for c, n in manifest["label"].value_counts().sort_index().items()},
             "readable": int((manifest["error"] == "").sum()),

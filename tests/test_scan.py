@@ -232,6 +232,33 @@ def test_rescan_reuses_the_cache_and_rereads_changed_files(small_dataset: Path, 
     assert json.loads((out / "scan.json").read_text())["from_cache"] == 0
 
 
+def test_interrupted_scan_resumes_from_the_cache(small_dataset: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import curate.scan as scan_module
+
+    real = scan_module.scan_file
+    calls = {"n": 0}
+
+    def interrupted(root, relpath, config):
+        calls["n"] += 1
+        if calls["n"] > 12:
+            raise KeyboardInterrupt
+        return real(root, relpath, config)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(scan_module, "scan_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        scan(small_dataset, out=out, workers=1, progress=False)
+    assert not (out / "manifest.csv").exists()
+    monkeypatch.setattr(scan_module, "scan_file", real)
+    scan(small_dataset, out=out, workers=1, progress=False)
+    assert json.loads((out / "scan.json").read_text())["from_cache"] == 12
+
+
+def test_workers_must_be_positive(small_dataset: Path) -> None:
+    assert cli.main(["scan", str(small_dataset), "--workers", "0", "-q"]) == 2
+
+
 def test_default_run_folder_is_reports_dataset_name(small_dataset: Path, tmp_path: Path) -> None:
     scan(small_dataset, workers=1, progress=False)
     assert (tmp_path / "reports" / small_dataset.name / "manifest.csv").exists()  # cwd is tmp_path
