@@ -1,11 +1,12 @@
 """Trainer benchmarks (not tests): input-pipeline speed, and preset accuracy on the verified test split.
 
-    python bench/train_bench.py pipeline [--images 1024] [--repeats 3]
+    python bench/train_bench.py pipeline [--images 1024] [--repeats 3] [--models 1x64,2x128]
         Training images/s of one model fed by (a) the original post's pipeline -- tf.data over file paths,
         every JPEG re-read with cv2.imread and cv2.resize'd inside tf.numpy_function every epoch, batch 16,
         prefetch(8) -- and (b) ours -- uint8 arrays decoded once (reduced-size decode, sha256+size disk
         cache) fed straight to model.fit. Same model, same batch size, interleaved in one process; prints
-        medians and the ratio b/a, plus the cold-cache decode time of (b).
+        medians and the ratio b/a per model size (the smaller the model, the more the input pipeline
+        matters), plus the post's pipeline alone and the cold/warm-cache load time of (b).
 
     python bench/train_bench.py accuracy [--preset cpu] [--seed 0] [--epochs N] [--out DIR] [--score-only]
         A whole `curate train` run on ../shared/flower_photos, then accuracy on the verified test split:
@@ -74,6 +75,7 @@ def posts_dataset(paths: list[str], labels, size: int, num_classes: int, batch: 
     def parse_tf(path, label):
         image, label = tf.numpy_function(parse, [path, label], [tf.float32, tf.int32])
         image.set_shape((size, size, 3))
+        label.set_shape(())
         return image, tf.one_hot(label, num_classes)
 
     ds = tf.data.Dataset.from_tensor_slices((paths, np.asarray(labels, np.int32)))
@@ -89,16 +91,11 @@ def bench_pipeline(args) -> None:
     from train.presets import PRESETS
 
     seed = PRESETS["seed"]
-    # The seed model's input (200 px, 25 px patches, linear patch embedding) with a small encoder: the 398M
-    # seed encoder on a CPU is so slow that any input pipeline would look free.
-    cfg = dataclasses.replace(seed.model, num_layers=args.layers, hidden_dim=args.width, num_heads=4,
-                              key_dim=None, mlp_dim=2 * args.width)
-    preset = dataclasses.replace(seed, model=cfg)
-    size, batch = cfg.image_size, seed.batch_size
-
+    size, batch = seed.model.image_size, seed.batch_size
     df = full_manifest().sample(n=args.images, random_state=0).reset_index(drop=True)
     classes = tdata.class_names(df)
     y = df["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    y1 = keras.utils.to_categorical(y, len(classes))
     paths = [str(FLOWERS / f) for f in df["filepath"]]
 
     with tempfile.TemporaryDirectory() as cache:
@@ -109,40 +106,43 @@ def bench_pipeline(args) -> None:
         x, ok = tdata.load_images(df, FLOWERS, size, cache_dir=cache)
         warm = time.perf_counter() - t
     assert ok.all()
-
-    keras.utils.set_random_seed(0)
-    model = build_vit(cfg, len(classes))
-    compile_model(model, preset, steps_per_epoch=len(df) // batch, epochs=1)
-    y1 = keras.utils.to_categorical(y, len(classes))
     ds = posts_dataset(paths, y, size, len(classes), batch)
-    model.fit(x[:64], y1[:64], batch_size=batch, epochs=1, verbose=0)  # compile the train step once
-    model.fit(ds.take(4), epochs=1, verbose=0)
-    rates: dict[str, list[float]] = {"post": [], "ours": []}
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        model.fit(ds, epochs=1, verbose=0)
-        rates["post"].append(len(df) / (time.perf_counter() - t))
-        t = time.perf_counter()
-        model.fit(x, y1, batch_size=batch, epochs=1, shuffle=True, verbose=0)
-        rates["ours"].append(len(df) / (time.perf_counter() - t))
-    # The pipelines alone (no training step): what each can deliver at most.
     t = time.perf_counter()
-    for _ in ds:
+    for _ in ds:  # the post's pipeline alone, no training step: the most it can deliver
         pass
     post_only = len(df) / (time.perf_counter() - t)
 
-    med = {k: statistics.median(v) for k, v in rates.items()}
-    record({
-        "bench": "pipeline", "backend": keras.backend.backend(), "images": len(df), "batch": batch,
-        "model": f"{size}px patch {cfg.patch_size}, {cfg.num_layers} layers x {cfg.hidden_dim}",
-        "params": model.count_params(),
-        "post_images_per_s": [round(r, 1) for r in rates["post"]],
-        "ours_images_per_s": [round(r, 1) for r in rates["ours"]],
-        "median_post": round(med["post"], 1), "median_ours": round(med["ours"], 1),
-        "ratio_ours_over_post": round(med["ours"] / med["post"], 2),
-        "post_pipeline_alone_images_per_s": round(post_only, 1),
-        "ours_cold_cache_load_s": round(cold, 2), "ours_warm_cache_load_s": round(warm, 2),
-    })
+    for spec in args.models.split(","):
+        layers, width = (int(v) for v in spec.split("x"))
+        # The seed model's input (200 px, 25 px patches, linear patch embedding, batch 16) with a smaller
+        # encoder: the 398M seed encoder on a CPU is so slow that any input pipeline would look free.
+        cfg = dataclasses.replace(seed.model, num_layers=layers, hidden_dim=width, num_heads=4, key_dim=None,
+                                  mlp_dim=2 * width)
+        keras.utils.set_random_seed(0)
+        model = build_vit(cfg, len(classes))
+        compile_model(model, dataclasses.replace(seed, model=cfg), steps_per_epoch=len(df) // batch, epochs=1)
+        model.fit(x[:64], y1[:64], batch_size=batch, epochs=1, verbose=0)  # trace both train-step signatures
+        model.fit(ds.take(4), epochs=1, shuffle=False, verbose=0)
+        rates: dict[str, list[float]] = {"post": [], "ours": []}
+        for _ in range(args.repeats):  # interleaved, so load from other processes hits both alike
+            t = time.perf_counter()
+            model.fit(ds, epochs=1, shuffle=False, verbose=0)
+            rates["post"].append(len(df) / (time.perf_counter() - t))
+            t = time.perf_counter()
+            model.fit(x, y1, batch_size=batch, epochs=1, shuffle=True, verbose=0)
+            rates["ours"].append(len(df) / (time.perf_counter() - t))
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        record({
+            "bench": "pipeline", "backend": keras.backend.backend(), "images": len(df), "batch": batch,
+            "model": f"{size}px patch {cfg.patch_size}, {cfg.num_layers} layers x {cfg.hidden_dim}",
+            "params": model.count_params(),
+            "post_images_per_s": [round(r, 1) for r in rates["post"]],
+            "ours_images_per_s": [round(r, 1) for r in rates["ours"]],
+            "median_post": round(med["post"], 1), "median_ours": round(med["ours"], 1),
+            "ratio_ours_over_post": round(med["ours"] / med["post"], 2),
+            "post_pipeline_alone_images_per_s": round(post_only, 1),
+            "ours_cold_cache_load_s": round(cold, 2), "ours_warm_cache_load_s": round(warm, 2),
+        })
 
 
 # ---------------------------------------------------------------- accuracy
@@ -184,8 +184,8 @@ def main() -> None:
     p = sub.add_parser("pipeline")
     p.add_argument("--images", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--models", default="1x64,2x128",
+                   help="encoder sizes LAYERSxWIDTH to compare on, comma-separated (default: 1x64,2x128)")
     p = sub.add_parser("accuracy")
     p.add_argument("--preset", default="cpu")
     p.add_argument("--seed", type=int, default=0)

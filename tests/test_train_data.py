@@ -115,3 +115,10 @@ def test_decode_image_uses_reduced_size_decode_and_returns_rgb():
         ref = np.asarray(im.convert("RGB").resize((64, 64), Image.Resampling.BILINEAR), dtype=np.float32)
     assert np.abs(small.astype(np.float32) - ref).mean() < 8
     assert big.shape == (200, 200, 3)
+
+
+def test_stratified_sample_keeps_class_proportions():
+    df = pd.DataFrame({"filepath": [f"{i}.jpg" for i in range(300)], "label": ["a"] * 200 + ["b"] * 90 + ["c"] * 10})
+    s = tdata.stratified_sample(df, 30, seed=0)
+    assert s["label"].value_counts().to_dict() == {"a": 20, "b": 9, "c": 2}
+    assert s.equals(tdata.stratified_sample(df, 30, seed=0))

@@ -120,8 +120,9 @@ def fit_arrays(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | Non
     """Train a fresh ViT of `preset` on uint8 images and int labels; return it with the best-val weights.
 
     x_*: uint8 (N, S, S, 3) with S = the preset's image_size; y_*: int class indices. `num_classes`
-    defaults to 1 + the largest label seen. The History is on `model.history_` (a dict of per-epoch lists)
-    and the best epoch (0-based) on `model.best_epoch_`.
+    defaults to 1 + the largest label seen. The best epoch is chosen by the preset's checkpoint monitor
+    (val_acc, or val_loss for `seed`); without validation data the last epoch is kept. The History is on
+    `model.history_` (a dict of per-epoch lists) and the kept epoch (0-based) on `model.best_epoch_`.
     """
     keras = _keras()
     from train.model import build_vit
@@ -139,8 +140,9 @@ def fit_arrays(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | Non
     steps = math.ceil(len(x_train) / p.batch_size)
     compile_model(model, p, steps, p.epochs)
     EpochInfo, KeepBest = _callbacks_module()
-    keep = KeepBest(p.checkpoint_monitor if has_val else p.checkpoint_monitor.removeprefix("val_"))
-    cbs = [EpochInfo(), keep]
+    # Without validation data there is nothing honest to select on: keep the last epoch.
+    keep = KeepBest(p.checkpoint_monitor) if has_val else None
+    cbs = [EpochInfo()] + ([keep] if keep else [])
     if p.schedule == "plateau":
         monitor = "val_loss" if has_val else "loss"
         cbs.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=p.plateau_factor,
@@ -155,7 +157,7 @@ def fit_arrays(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | Non
     hist = model.fit(x_train, keras.utils.to_categorical(y_train, n_cls), batch_size=p.batch_size,
                      epochs=p.epochs, validation_data=val, shuffle=True, callbacks=cbs, verbose=verbose)
     model.history_ = dict(hist.history)
-    model.best_epoch_ = keep.best_epoch
+    model.best_epoch_ = keep.best_epoch if keep and keep.best_epoch >= 0 else len(model.history_["loss"]) - 1
     return model
 
 
