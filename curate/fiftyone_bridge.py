@@ -66,7 +66,7 @@ class BridgeConfig:
     brain: bool = True  # mistakenness / uniqueness / PCA visualization from our own predictions and embeddings
     visualization_method: str = "pca"  # "pca" or "tsne": both work without umap-learn and without a model
     cluster_view_min_flagged_share: float = 0.5  # a cluster gets its own view when this share is off_class/outlier
-    max_cluster_views: int = 30
+    max_cluster_views: int = 12
     extra_views: dict[str, Any] = field(default_factory=dict)  # name -> callable(dataset) -> view, for callers
 
 
@@ -569,10 +569,10 @@ def _is_fiftyone_server(address: str, port: int) -> bool:
         return False
 
 
-def app_url(address: str, port: int, dataset_slug: str, view_slug: str | None = None) -> str:
-    """The App's address for a dataset (and a saved view). The App finds both by slug ('off-class-candidates')."""
+def app_url(address: str, port: int, dataset_name: str, view_slug: str | None = None) -> str:
+    """The App's address for a dataset (by name) and a saved view (by slug: 'off-class-candidates')."""
     host = "127.0.0.1" if address in ("0.0.0.0", "") else address
-    url = f"http://{host}:{port}/datasets/{urllib.parse.quote(dataset_slug)}"
+    url = f"http://{host}:{port}/datasets/{urllib.parse.quote(dataset_name)}"
     return url + (f"?view={urllib.parse.quote(view_slug)}" if view_slug else "")
 
 
@@ -592,9 +592,9 @@ def app(run: str | os.PathLike | None, port: int = 5151, address: str = "127.0.0
     from fiftyone.core.utils import to_slug
 
     session = fo.launch_app(dataset, port=port, address=address, remote=True, auto=False)
-    print(f"FiftyOne App: {app_url(address, port, dataset.slug)}")
+    print(f"FiftyOne App: {app_url(address, port, dataset.name)}")
     for name in views:
-        print(f"  {name}: {app_url(address, port, dataset.slug, to_slug(name))}")
+        print(f"  {name}: {app_url(address, port, dataset.name, to_slug(name))}")
     print("Tag samples reject, keep or relabel:<class>; `curate review-status` counts them. Ctrl-C stops the App.",
           flush=True)
     try:

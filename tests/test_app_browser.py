@@ -1,15 +1,19 @@
 """End to end: `curate app` serves the FiftyOne App; headless Chromium opens a saved view and sees its photos.
 
-The App (a React page that draws each sample on a canvas) is loaded in Debian's `chromium`; the
-test reads the rendered DOM (--dump-dom, retried with a growing virtual-time budget until the grid
-has drawn or a deadline passes) and a screenshot. Every process started here -- `curate app`, the
-FiftyOne server under it, Chromium, the private mongod -- is stopped at the end.
+The App (a React page that draws each sample on a canvas) is loaded in Debian's `chromium`, driven
+over the DevTools protocol: the test polls the page until every tile of the grid has drawn its photo
+(or a deadline passes), then checks the tiles' order, the DOM and a screenshot. Every process
+started here -- `curate app`, the FiftyOne server under it, Chromium, the private mongod -- is
+stopped at the end.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -36,27 +40,79 @@ def chromium_binary() -> str:
     return exe
 
 
-def run_chromium(args: list[str], profile: Path, timeout: float) -> str:
-    """Run headless Chromium in its own process group (killed whole on timeout); return stdout."""
-    proc = subprocess.Popen([chromium_binary(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+# The page is "ready" when the grid shows a tile per sample (at most a screenful) and every tile's
+# canvas has drawn its photo; the value is (drawn, ground-truth label) per tile in page order.
+GRID_STATE_JS = """JSON.stringify(Array.from(document.querySelectorAll('[data-cy="looker"]')).map(t => [
+    !!t.querySelector('canvas[canvas-loaded="true"]'),
+    (t.querySelector('[data-cy="tag-ground_truth"]') || {}).textContent || ""]))"""
+
+
+def chromium_page(url: str, profile: Path, ready, timeout: float, screenshot: Path | None = None,
+                  before_screenshot_js: str | None = None) -> tuple[list, str]:
+    """Open `url` in headless Chromium, poll GRID_STATE_JS until `ready(state)` or `timeout`; return (state, DOM).
+
+    Talks the DevTools protocol over --remote-debugging-pipe (NUL-separated JSON on fds 3 and 4),
+    so it waits in real time for what the page shows, with no websocket library or extra port.
+    Chromium runs in its own process group, killed whole at the end.
+    """
+    to_chrome_r, to_chrome_w = os.pipe()
+    from_chrome_r, from_chrome_w = os.pipe()
+    # bash puts the pipe ends on fds 3 and 4, where --remote-debugging-pipe expects them
+    cmd = ["bash", "-c", f'exec "$0" "$@" 3<&{to_chrome_r} 4>&{from_chrome_w}', chromium_binary(), *CHROMIUM_FLAGS,
+           f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank"]
+    proc = subprocess.Popen(cmd, pass_fds=(to_chrome_r, from_chrome_w), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    os.close(to_chrome_r)
+    os.close(from_chrome_w)
+    deadline = time.monotonic() + timeout
+    buf, next_id = b"", 0
+
+    def call(method: str, params: dict | None = None, session: str | None = None) -> dict:
+        nonlocal buf, next_id
+        next_id += 1
+        msg = {"id": next_id, "method": method, "params": params or {}, **({"sessionId": session} if session else {})}
+        os.write(to_chrome_w, json.dumps(msg).encode() + b"\0")
+        answer_by = time.monotonic() + 60
+        while time.monotonic() < answer_by:
+            while b"\0" in buf:
+                raw, buf = buf.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == next_id:
+                    assert "error" not in reply, reply
+                    return reply["result"]
+            if select.select([from_chrome_r], [], [], 0.5)[0]:
+                chunk = os.read(from_chrome_r, 1 << 22)
+                assert chunk, "chromium closed the DevTools pipe"
+                buf += chunk
+        raise TimeoutError(f"chromium: no answer to {method} within 60 s")
+
     try:
-        out, _ = proc.communicate(timeout=timeout)
-        return out
+        target = call("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        call("Page.enable", session=session)
+        call("Page.navigate", {"url": url}, session=session)
+        state: list = []
+        while time.monotonic() < deadline:
+            value = call("Runtime.evaluate", {"expression": GRID_STATE_JS, "returnByValue": True}, session=session)
+            state = json.loads(value["result"].get("value") or "[]")
+            if ready(state):
+                break
+            time.sleep(1)
+        if before_screenshot_js:
+            call("Runtime.evaluate", {"expression": before_screenshot_js}, session=session)
+        time.sleep(1)  # let the last tiles paint before the screenshot
+        if screenshot is not None:
+            png = call("Page.captureScreenshot", {"format": "png"}, session=session)["data"]
+            screenshot.write_bytes(base64.b64decode(png))
+        dom = call("Runtime.evaluate", {"expression": "document.documentElement.outerHTML", "returnByValue": True},
+                   session=session)["result"]["value"]
+        return state, dom
     finally:
+        os.close(to_chrome_w)
+        os.close(from_chrome_r)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def lookers(dom: str) -> list[tuple[bool, str]]:
-    """(canvas drawn, ground-truth label) for each sample tile of the App's grid, in page order."""
-    tiles = re.findall(r'data-cy="looker".*?(?=data-cy="looker"|$)', dom, flags=re.S)
-    out = []
-    for t in tiles:
-        gt = re.search(r'title="ground_truth: ([^"]+)"', t)
-        out.append(('canvas-loaded="true"' in t, gt.group(1) if gt else ""))
-    return out
+        proc.wait()
 
 
 @pytest.fixture
@@ -65,7 +121,7 @@ def app_server(private_mongo, tmp_path: Path):  # noqa: F811 -- the imported fix
     from conftest import make_dataset
 
     data = make_dataset(tmp_path / "flowers", per_class=6)
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "flower_run"  # dataset curate-flower_run: its URL slug differs from its name
     manifest = write_small_run(run_dir, data)
     port = free_port()
     out_path = tmp_path / "app.out"
@@ -110,27 +166,17 @@ def test_app_shows_off_class_candidates_worst_first_in_chromium(app_server, tmp_
     run_dir, manifest, out_path, port = app_server
     printed = out_path.read_text()
     url = re.search(r"off_class_candidates: (http://\S+)", printed).group(1)
-    assert url.startswith(f"http://127.0.0.1:{port}/datasets/curate-run?view=")
+    assert url == f"http://127.0.0.1:{port}/datasets/curate-flower_run?view=off-class-candidates"
 
     expected = manifest[manifest["flags"].str.contains("off_class|outlier")].sort_values("label_quality")
-    # poll the rendered page with a growing virtual-time budget until every tile has drawn its photo
-    deadline = time.monotonic() + 240
-    budget = 10_000
-    while True:
-        profile = tmp_path / f"profile-{budget}"
-        dom = run_chromium([f"--virtual-time-budget={budget}", "--dump-dom", url], profile, timeout=120)
-        tiles = lookers(dom)
-        if len(tiles) == len(expected) and all(drawn for drawn, _ in tiles):
-            break
-        assert time.monotonic() < deadline, f"grid never drew {len(expected)} photos; last saw {tiles}"
-        budget *= 2
-    assert [label for _, label in tiles] == expected["label"].tolist()  # worst (lowest label_quality) first
+    shot = tmp_path / "app_off_class_candidates.png"
+    state, dom = chromium_page(url, tmp_path / "profile", timeout=240, screenshot=shot,
+                               ready=lambda tiles: len(tiles) == len(expected) and all(d for d, _ in tiles))
+    assert len(state) == len(expected) and all(drawn for drawn, _ in state), f"grid never drew its photos: {state}"
+    assert [label for _, label in state] == expected["label"].tolist()  # worst (lowest label_quality) first
     assert "off_class_candidates" in dom  # the saved view is the one selected
     assert "Help us improve FiftyOne" not in dom and "btn-disable-cookies" not in dom  # no analytics banner
 
-    shot = tmp_path / "app_off_class_candidates.png"
-    run_chromium([f"--virtual-time-budget={budget}", f"--screenshot={shot}", url], tmp_path / "profile-shot",
-                 timeout=120)
     img = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
     grid = img[150:330, 320:1380]  # the first row of the grid, right of the sidebar
     # real photos: many distinct colours and strong variation, unlike an empty dark grid or a spinner
