@@ -159,10 +159,37 @@ def read_manifest(path: str | os.PathLike, required: Sequence[str] = ("filepath"
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise CurateError(f"{path}: manifest lacks required column(s) {', '.join(missing)}")
+    if "filepath" in df.columns:
+        _check_filepaths(path, df["filepath"])
+    if "label" in required:
+        empty = df["label"].isna() | (df["label"].astype(str).str.strip() == "")
+        if empty.any():
+            i = int(np.flatnonzero(empty.to_numpy())[0])
+            raise CurateError(f"{path}: line {i + 2} ({df['filepath'].iloc[i]!r}): empty label "
+                              f"({int(empty.sum())} row(s) without a label)")
     for col in ("flags", "error", "dup_group"):
         if col in df.columns:
             df[col] = df[col].fillna("")
     return df
+
+
+def _check_filepaths(path: Path, filepaths: pd.Series) -> None:
+    """A manifest's paths are relative to DATA, one row per file: refuse empty, escaping and repeated ones."""
+    for i, fp in enumerate(filepaths.tolist()):
+        line = f"{path}: line {i + 2}"
+        if not isinstance(fp, str) or not fp.strip():
+            raise CurateError(f"{line}: empty filepath")
+        if os.path.isabs(fp) or fp.startswith(("/", "\\")):
+            raise CurateError(f"{line}: filepath {fp!r} is absolute: it escapes the data root "
+                              "(manifest paths are relative to DATA)")
+        if ".." in fp.replace("\\", "/").split("/"):
+            raise CurateError(f"{line}: filepath {fp!r} contains '..': it escapes the data root "
+                              "(manifest paths are relative to DATA)")
+    repeated = filepaths[filepaths.duplicated(keep=False)]
+    if len(repeated):
+        fp = repeated.iloc[0]
+        raise CurateError(f"{path}: filepath {fp!r} appears in {int((filepaths == fp).sum())} rows "
+                          f"({repeated.nunique()} path(s) repeated); a manifest has one row per file")
 
 
 def safe_relpath(root: Path, relpath: str) -> Path:
