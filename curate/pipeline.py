@@ -128,6 +128,10 @@ def run(data: str | os.PathLike = "flower_photos", source: str | os.PathLike | N
     """
     data = Path(data)
     run_dir = Path(out) if out else default_run_dir(data)
+    data_real = os.path.realpath(data)
+    if os.path.realpath(run_dir) == data_real or os.path.realpath(run_dir).startswith(data_real + os.sep):
+        # refuse before the pipeline lock creates the folder: DATA is never written to
+        raise CurateError(f"{run_dir}: the run folder may not be inside DATA ({data}); DATA is never written to")
     started = time.monotonic()
     with _pipeline_lock(run_dir):
         state = PipelineState(run_dir)
