@@ -38,6 +38,7 @@ _KEY_COLUMNS = ["key_path", "key_size", "key_mtime_ns"]  # the walk's (relpath, 
 _CONFIG_META = b"curate_scan_config"  # Parquet schema metadata: ScanConfig.fingerprint() of the rows
 _PART_NAME = re.compile(r"^part-(\d+)\.parquet$")
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+CONNECT_TIMEOUT = "10s"  # how long to wait for a --scheduler before giving up
 
 Key = tuple[str, int, int]
 
@@ -209,7 +210,7 @@ def _client(scheduler: str | None, workers: int):
 
     if scheduler:
         try:
-            return Client(scheduler, timeout="10s"), None
+            return Client(scheduler, timeout=CONNECT_TIMEOUT), None
         except (OSError, TimeoutError) as exc:
             raise CurateError(f"--scheduler {scheduler}: cannot connect to a Dask scheduler ({exc})") from None
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_dataset
 
-from curate import cli
+from curate import cli, dask_engine
 from curate.dask_engine import PARTITIONS_DIR, fsspec_walk, split_url
 from curate.io import CurateError, read_manifest
 from curate.scan import CACHE_NAME, scan, walk_data
@@ -140,7 +140,9 @@ def test_missing_url_and_unknown_protocol_are_clear_errors(tmp_path: Path) -> No
     assert not list(tmp_path.glob("run*/partitions"))
 
 
-def test_unreachable_scheduler_is_a_clear_error(small_dataset: Path, tmp_path: Path) -> None:
+def test_unreachable_scheduler_is_a_clear_error(small_dataset: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dask_engine, "CONNECT_TIMEOUT", "2s")
     with pytest.raises(CurateError, match="cannot connect"):
         scan(small_dataset, out=tmp_path / "run", engine="dask", scheduler="tcp://127.0.0.1:9", progress=False)
     assert not (tmp_path / "run" / PARTITIONS_DIR).exists()
