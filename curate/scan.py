@@ -24,6 +24,8 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -352,12 +354,23 @@ def _scan_local(root: Path, todo: list[tuple[str, int, int]], config: ScanConfig
                 bar.update()
             return
         # fork: workers inherit the imported modules, so they start in milliseconds
+        # ProcessPoolExecutor, not multiprocessing.Pool: if a decoder crashes a worker outright, the
+        # executor raises BrokenProcessPool where a Pool would wait forever for the lost task
         ctx = multiprocessing.get_context("fork")
         chunksize = max(1, min(64, len(todo) // (workers * 8)))
-        with ctx.Pool(workers, initializer=_ignore_sigint) as pool:
-            for result in pool.imap_unordered(work, todo, chunksize=chunksize):
-                yield result
-                bar.update()
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_ignore_sigint) as pool:
+            try:
+                for result in pool.map(work, todo, chunksize=chunksize):
+                    yield result
+                    bar.update()
+            except BrokenProcessPool:
+                raise CurateError("a scan worker died while decoding (a file crashed the image decoder?); "
+                                  "rerun to resume from the cache, or use --workers 1 to see which file",
+                                  exit_code=1) from None
+            except BaseException:
+                # Ctrl-C or an error: drop the queued chunks instead of finishing the whole scan on exit
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
     finally:
         bar.close()
 

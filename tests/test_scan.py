@@ -255,6 +255,27 @@ def test_interrupted_scan_resumes_from_the_cache(small_dataset: Path, tmp_path: 
     assert json.loads((out / "scan.json").read_text())["from_cache"] == 12
 
 
+def test_a_crashing_worker_stops_the_scan_with_a_message(small_dataset: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import curate.scan as scan_module
+
+    real = scan_module.scan_file
+    victim = sorted(p.relative_to(small_dataset).as_posix() for p in small_dataset.rglob("*.jpg"))[20]
+
+    def crashing(root, relpath, config):
+        if relpath == victim:
+            os._exit(70)  # what a segfaulting decoder looks like from the parent
+        return real(root, relpath, config)
+
+    monkeypatch.setattr(scan_module, "scan_file", crashing)  # fork: the workers inherit the patch
+    out = tmp_path / "run"
+    assert cli.main(["scan", str(small_dataset), "--out", str(out), "--workers", "2", "-q"]) == 1
+    assert "worker died" in capsys.readouterr().err
+    monkeypatch.setattr(scan_module, "scan_file", real)
+    scan(small_dataset, out=out, workers=2, progress=False)
+    assert (out / "manifest.csv").exists()
+
+
 def test_workers_must_be_positive(small_dataset: Path) -> None:
     assert cli.main(["scan", str(small_dataset), "--workers", "0", "-q"]) == 2
 
