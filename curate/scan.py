@@ -261,6 +261,27 @@ def walk_data(root: Path) -> Walk:
     walk = Walk()
     root_real = os.path.realpath(root)
 
+    def kind_of(entry: os.DirEntry, relpath: str, top: bool) -> str:
+        """'dir', 'file' or 'skip' (recorded with its reason); a link loop or a vanished file never raises."""
+        try:
+            if entry.is_symlink():
+                if entry.is_dir():
+                    what = "symlinked class folder" if top else "symlinked folder"
+                    walk.skipped.append({"path": relpath, "reason": f"{what}, not followed"})
+                    return "skip"
+                if not _inside(entry.path, root_real):
+                    walk.skipped.append({"path": relpath, "reason": "symlink pointing outside DATA, not followed"})
+                    return "skip"
+            if entry.is_dir():
+                return "dir"
+            if entry.is_file():
+                return "file"
+            reason = "not a regular file or folder (broken link?)"
+        except OSError as exc:  # e.g. ELOOP from a link that points to itself
+            reason = f"cannot resolve: {exc.strerror or exc}"
+        walk.skipped.append({"path": relpath, "reason": reason})
+        return "skip"
+
     def visit(dir_path: str, rel: str) -> Iterator[tuple[str, int, int]]:
         try:
             entries = sorted(os.scandir(dir_path), key=lambda e: e.name)
@@ -271,37 +292,33 @@ def walk_data(root: Path) -> Walk:
             if entry.name.startswith("."):
                 continue
             relpath = f"{rel}/{entry.name}"
-            if entry.is_symlink():
-                if entry.is_dir():
-                    walk.skipped.append({"path": relpath, "reason": "symlinked folder, not followed"})
-                    continue
-                if not _inside(entry.path, root_real):
-                    walk.skipped.append({"path": relpath, "reason": "symlink pointing outside DATA, not followed"})
-                    continue
-            if entry.is_dir():
+            kind = kind_of(entry, relpath, top=False)
+            if kind == "dir":
                 yield from visit(entry.path, relpath)
-            elif entry.is_file():
+            elif kind == "file":
                 if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
                     walk.other_files += 1
                     continue
-                st = entry.stat()
+                try:
+                    st = entry.stat()
+                except OSError as exc:
+                    walk.skipped.append({"path": relpath, "reason": f"cannot stat: {exc.strerror or exc}"})
+                    continue
                 yield relpath, st.st_size, st.st_mtime_ns
-            else:
-                walk.skipped.append({"path": relpath, "reason": "not a regular file or folder (broken link?)"})
 
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if entry.name.startswith("."):
             continue
-        if entry.is_symlink() and entry.is_dir():
-            walk.skipped.append({"path": entry.name, "reason": "symlinked class folder, not followed"})
-            continue
-        if entry.is_dir():
+        is_image = os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
+        kind = kind_of(entry, entry.name, top=True) if (is_image or entry.is_symlink()) else (
+            "dir" if entry.is_dir(follow_symlinks=False) else "other")
+        if kind == "dir":
             walk.classes.append(entry.name)
             before = len(walk.files)
             walk.files.extend(visit(entry.path, entry.name))
             if len(walk.files) == before:
                 walk.empty_classes.append(entry.name)
-        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+        elif kind == "file" and is_image:
             walk.skipped.append({"path": entry.name, "reason": "image outside any class folder (no label)"})
     return walk
 

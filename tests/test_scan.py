@@ -139,6 +139,8 @@ def bad_dataset(tmp_path: Path) -> tuple[Path, Path]:
     shutil.copyfile(photo[0], outside)
     (d / "link_out.jpg").symlink_to(outside)
     (r / "link_in.jpg").symlink_to(r / "cmyk.jpg")
+    (r / "loop.jpg").symlink_to("loop.jpg")  # a link to itself: resolving it raises ELOOP
+    (r / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
     (data / "linked_class").symlink_to(tmp_path / "outside_dir", target_is_directory=True)
     (tmp_path / "outside_dir").mkdir()
     shutil.copyfile(photo[0], tmp_path / "outside_dir" / "x.jpg")
@@ -183,7 +185,8 @@ def test_bad_input_gets_rows_or_messages_and_data_is_untouched(bad_dataset, tmp_
     info = json.loads((out / "scan.json").read_text())
     assert info["empty_classes"] == ["empty_class"]
     skipped = {s["path"] for s in info["skipped"]}
-    assert {"daisy/link_out.jpg", "linked_class"} <= skipped
+    assert {"daisy/link_out.jpg", "linked_class", "roses/loop.jpg", "roses/dangling.jpg"} <= skipped
+    assert not {"roses/loop.jpg", "roses/dangling.jpg"} & paths
     assert info["counts"]["corrupt"] == 3 and info["counts"]["not_image"] == 1 and info["counts"]["truncated"] == 1
 
 
