@@ -285,7 +285,7 @@ def read_review_tags(run_dir: Path) -> pd.DataFrame:
 def apply_review_tags(decisions: pd.DataFrame, manifest: pd.DataFrame, tags: pd.DataFrame) -> pd.DataFrame:
     """Let the reviewer's tags override the policy: reject drops, keep keeps, relabel moves.
 
-    `keep` cannot resurrect an unreadable file (nothing could train on it); it says so.
+    `keep` and `relabel` cannot resurrect an unreadable file (nothing could train on it); it says so.
     """
     d = decisions.copy()
     if tags is None or tags.empty:
@@ -310,6 +310,9 @@ def apply_review_tags(decisions: pd.DataFrame, manifest: pd.DataFrame, tags: pd.
             new = str(getattr(rec, "relabel_to", "") or "").strip()
             if not new or new == "nan":
                 log.warning("review tag relabel for %s names no class; ignored", fp)
+                continue
+            if d.loc[i, "reason"] == "unreadable":
+                log.warning("review tag relabel for %s: the file is unreadable; it stays removed", fp)
                 continue
             if new not in classes:
                 log.warning("review tag relabel for %s: %r is a new class", fp, new)
