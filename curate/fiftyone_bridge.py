@@ -44,6 +44,7 @@ from curate.io import (
 log = logging.getLogger("curate.fiftyone")
 
 STATE_FILE = "fiftyone.json"
+BUILD_VERSION = 1  # bump when a build would write something different from the same inputs
 DATASET_PREFIX = "curate-"
 REVIEW_DECISIONS = ("reject", "keep", "relabel")
 OFF_CLASS_FLAGS = ("off_class", "outlier")
@@ -211,7 +212,29 @@ def _tags(old_tags: list[str] | None, flags: list[str], issue_names: set[str]) -
     return kept + [f for f in flags if f not in kept]
 
 
-def build_dataset(run: str | os.PathLike | None, config: BridgeConfig | None = None, progress: bool | None = None):
+def _inputs_fingerprint(run_dir: Path, cfg: BridgeConfig) -> dict:
+    """What a build depends on: this module's build version, the config, and the run files' sizes and mtimes."""
+    names = ["manifest.csv", "scan.json", "duplicates.csv", "clusters.csv", "embeddings.npy"]
+    names += sorted(p.name for p in run_dir.glob("oof_*.npy"))
+    files = {n: [(run_dir / n).stat().st_size, (run_dir / n).stat().st_mtime_ns] for n in names
+             if (run_dir / n).exists()}
+    config = {"brain": cfg.brain, "method": cfg.visualization_method,
+              "cluster_share": cfg.cluster_view_min_flagged_share, "cluster_views": cfg.max_cluster_views}
+    return {"version": BUILD_VERSION, "config": config, "files": files}
+
+
+def _up_to_date(fo, run_dir: Path, name: str, fingerprint: dict):
+    """The run's dataset if an earlier build used exactly these inputs (and it is still there), else None."""
+    state = _state(run_dir)
+    if not state or state.get("dataset") != name or state.get("inputs") != fingerprint or not fo.dataset_exists(name):
+        return None
+    dataset = fo.load_dataset(name)
+    ok = dataset.info.get("inputs") == fingerprint and len(dataset) == state.get("samples")
+    return dataset if ok else None
+
+
+def build_dataset(run: str | os.PathLike | None, config: BridgeConfig | None = None, progress: bool | None = None,
+                  force: bool = False):
     """Create or update the run's persistent FiftyOne dataset; return it (a `fiftyone.Dataset`).
 
     One sample per manifest row (absolute filepath; `relpath` = the manifest's filepath):
@@ -219,33 +242,35 @@ def build_dataset(run: str | os.PathLike | None, config: BridgeConfig | None = N
     mean of the run's oof_<model>.npy, when present), every other manifest column as a field,
     each issue flag as a sample tag, duplicate details from duplicates.csv, image metadata from
     the manifest (no file is opened), Brain runs from our own predictions/embeddings, and the
-    saved views. Rerunning adds no duplicate samples, updates fields and keeps review tags.
+    saved views. Rerunning adds no duplicate samples, updates fields and keeps review tags; when
+    no input changed since the last build (sizes and mtimes of the run's files), it only loads
+    the dataset, unless `force`.
     """
     cfg = config or BridgeConfig()
     run_dir = resolve_run_dir(run)
     if progress is None:
         progress = logging.getLogger("curate").isEnabledFor(logging.INFO)
     t0 = time.perf_counter()
-    manifest = read_manifest(run_dir / "manifest.csv")
-    if manifest["filepath"].duplicated().any():
-        dup = manifest.loc[manifest["filepath"].duplicated(), "filepath"].iloc[0]
-        raise CurateError(f"{run_dir / 'manifest.csv'}: filepath {dup!r} appears twice")
+    manifest = read_manifest(run_dir / "manifest.csv")  # refuses repeated, empty and escaping filepaths
     data_root = data_root_of(run_dir)
     paths = [str(safe_relpath(data_root, fp)) for fp in manifest["filepath"]]
     fo = _fiftyone()
     with run_lock(run_dir, "app"):
         name = _dataset_name(fo, run_dir)
+        fingerprint = _inputs_fingerprint(run_dir, cfg)
+        if not force and not cfg.extra_views and (dataset := _up_to_date(fo, run_dir, name, fingerprint)):
+            log.info("fiftyone: dataset %s is up to date with %s", name, run_dir)
+            return dataset
         dataset = fo.load_dataset(name) if fo.dataset_exists(name) else fo.Dataset(name, persistent=True)
         dataset.persistent = True
         _ensure_field(fo, dataset, "relpath", "str")
         added, removed = _sync_samples(fo, dataset, paths, manifest["filepath"].tolist(), progress)
         log.info("fiftyone: dataset %s: %d samples added, %d removed", name, added, removed)
-        _set_by_filepath(dataset, "relpath", paths, manifest["filepath"].tolist())
         _write_fields(fo, dataset, run_dir, manifest, paths)
         if cfg.brain:
             _run_brain(fo, dataset, run_dir, manifest, paths, cfg)
         views = _save_views(fo, dataset, run_dir, manifest, cfg)
-        dataset.info.update({"run_dir": str(run_dir.resolve()), "data_root": str(data_root),
+        dataset.info.update({"run_dir": str(run_dir.resolve()), "data_root": str(data_root), "inputs": fingerprint,
                              "built_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
         dataset.save()
         seconds = time.perf_counter() - t0
@@ -253,7 +278,7 @@ def build_dataset(run: str | os.PathLike | None, config: BridgeConfig | None = N
             "dataset": name, "database": _database_description(fo),
             "database_dir": None if fo.config.database_uri else fo.config.database_dir,
             "samples": len(dataset), "views": views, "build_seconds": round(seconds, 2),
-            "built_at": dataset.info["built_at"]})
+            "built_at": dataset.info["built_at"], "inputs": fingerprint})
     log.info("fiftyone: dataset %s built in %.1f s (%d samples, %d saved views)", name, seconds, len(dataset),
              len(views))
     return dataset

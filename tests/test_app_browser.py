@@ -125,10 +125,12 @@ def app_server(private_mongo, tmp_path: Path):  # noqa: F811 -- the imported fix
     manifest = write_small_run(run_dir, data)
     port = free_port()
     out_path = tmp_path / "app.out"
+    # FiftyOne writes ~/.fiftyone/var (a uid, a welcome note) whatever the database says: give it a temporary home
+    env = {**os.environ, "HOME": str(tmp_path / "home")}
     with open(out_path, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "curate.cli", "app", "--run", str(run_dir), "--port", str(port),
                                  "--address", "127.0.0.1"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                env=env, start_new_session=True)
     started: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 300

@@ -233,6 +233,21 @@ def test_dataset_has_one_sample_per_row_with_labels_tags_fields(built):
     assert state["dataset"] == ds.name and state["samples"] == 31
 
 
+def test_unchanged_inputs_skip_the_build_and_a_changed_file_does_not(built, caplog):
+    from curate.fiftyone_bridge import build_dataset
+
+    run_dir, _, ds = built
+    with caplog.at_level(logging.INFO, logger="curate"):
+        assert build_dataset(run_dir, progress=False).name == ds.name
+    assert "is up to date" in caplog.text
+    caplog.clear()
+    clusters = run_dir / "clusters.csv"
+    os.utime(clusters, ns=(clusters.stat().st_atime_ns, clusters.stat().st_mtime_ns + 10**9))
+    with caplog.at_level(logging.INFO, logger="curate"):
+        build_dataset(run_dir, progress=False)
+    assert "is up to date" not in caplog.text and "built in" in caplog.text
+
+
 def test_predictions_are_the_oof_probabilities(built):
     run_dir, m, ds = built
     probs = np.load(run_dir / "oof_vit.npy")
@@ -384,7 +399,7 @@ def test_build_rejects_a_manifest_with_a_repeated_filepath(private_mongo, tmp_pa
     run_dir.mkdir()
     (run_dir / "manifest.csv").write_text("filepath,label\ndaisy/1.jpg,daisy\ndaisy/1.jpg,daisy\n")
     (run_dir / "scan.json").write_text(json.dumps({"data": str(tmp_path)}))
-    with pytest.raises(CurateError, match="appears twice"):
+    with pytest.raises(CurateError, match="daisy/1.jpg.* appears in 2 rows"):
         build_dataset(run_dir, progress=False)
 
 
