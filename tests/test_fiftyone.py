@@ -77,6 +77,7 @@ def private_mongo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     saved = {k: os.environ.get(k) for k in ("FIFTYONE_DATABASE_URI", "FIFTYONE_DATABASE_DIR",
                                             "FIFTYONE_PRIVATE_DATABASE_PORT", "FIFTYONE_DO_NOT_TRACK")}
+    saved_uri = sys.modules["fiftyone"].config.database_uri if "fiftyone" in sys.modules else None
     try:
         _wait_for_port(port, proc, 60, "mongod")
         uri = f"mongodb://127.0.0.1:{port}"
@@ -93,10 +94,13 @@ def private_mongo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             fo.config.database_uri = uri
         yield uri
     finally:
-        if "fiftyone" in sys.modules:
+        if "fiftyone" in sys.modules:  # leave FiftyOne pointing where it pointed before, not at a dead mongod
+            import fiftyone as fo
             import fiftyone.core.odm.database as fodb
 
             fodb._disconnect()
+            fodb._connection_kwargs.clear()
+            fo.config.database_uri = saved_uri
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -327,7 +331,8 @@ def test_rebuild_is_idempotent_updates_fields_and_keeps_review_tags(built):
         assert ds.match({"relpath": target}).first().tags == []  # the stale 'blurry' issue tag went
 
 
-def test_review_tags_read_back_and_status(built):
+def test_review_tags_read_back_and_status(built, capsys):
+    from curate.cli import main
     from curate.fiftyone_bridge import read_review_tags, review_status
 
     run_dir, m, ds = built
@@ -346,6 +351,8 @@ def test_review_tags_read_back_and_status(built):
         assert tags.loc[third, "decision"] == "reject"
         assert daisy not in tags.index and len(tags) == 3
         status = review_status(run_dir)
+        assert main(["review-status", "--run", str(run_dir)]) == 0
+        assert capsys.readouterr().out.strip() == status
         n_flagged = int((m["flags"] != "").sum())
         assert f"3 of {n_flagged} flagged photos reviewed" in status
         assert "reject 2, keep 0, relabel 1" in status
