@@ -44,7 +44,7 @@ from curate.io import (
 log = logging.getLogger("curate.fiftyone")
 
 STATE_FILE = "fiftyone.json"
-BUILD_VERSION = 1  # bump when a build would write something different from the same inputs
+BUILD_VERSION = 2  # bump when a build would write something different from the same inputs
 DATASET_PREFIX = "curate-"
 REVIEW_DECISIONS = ("reject", "keep", "relabel")
 OFF_CLASS_FLAGS = ("off_class", "outlier")
@@ -139,10 +139,6 @@ def _ensure_field(fo, dataset, name: str, kind: str) -> None:
         dataset.add_sample_field(name, ftype)
 
 
-def _set_by_filepath(dataset, name: str, paths: list[str], values: list) -> None:
-    dataset.set_values(name, dict(zip(paths, values, strict=True)), key_field="filepath")
-
-
 def _oof_predictions(run_dir: Path, n_rows: int, classes: list[str]) -> tuple[np.ndarray | None, list[str]]:
     """Mean of the run's oof_<model>.npy probabilities (rows = manifest rows, columns = sorted classes)."""
     probs, models = [], []
@@ -187,23 +183,58 @@ def _duplicate_columns(run_dir: Path, manifest: pd.DataFrame) -> pd.DataFrame:
     return out.astype(object).where(out.notna(), None)
 
 
-def _sync_samples(fo, dataset, paths: list[str], relpaths: list[str], progress: bool) -> tuple[int, int]:
-    """Make the dataset hold exactly one sample per manifest row (keyed by absolute filepath)."""
-    existing = dataset.values("filepath")
+def _remove_stale_samples(dataset, paths: list[str]) -> int:
+    """Delete samples of files no longer in the manifest and second samples of one file; return how many."""
     wanted = set(paths)
     seen: set[str] = set()
-    stale_dupes = []
-    for sid, fp in zip(dataset.values("id"), existing, strict=True):
-        # a file no longer in the manifest, or a second sample for one file, goes
+    stale = []
+    for sid, fp in zip(dataset.values("id"), dataset.values("filepath"), strict=True):
         if fp not in wanted or fp in seen:
-            stale_dupes.append(sid)
+            stale.append(sid)
         seen.add(fp)
-    if stale_dupes:
-        dataset.delete_samples(stale_dupes)
-    new = [fo.Sample(filepath=p, relpath=r) for p, r in zip(paths, relpaths, strict=True) if p not in seen]
+    if stale:
+        dataset.delete_samples(stale)
+    return len(stale)
+
+
+def _comparable(value):
+    """A value to compare a stored field with a new one (labels and metadata by content, not by id)."""
+    if hasattr(value, "to_dict") and not isinstance(value, dict):
+        d = value.to_dict()
+        d.pop("_id", None)
+        return repr(sorted((k, v.tolist() if isinstance(v, np.ndarray) else v) for k, v in d.items()))
+    return value
+
+
+def _apply_fields(fo, dataset, paths: list[str], fields: dict[str, tuple[str | None, list]], progress: bool) -> int:
+    """Write every field: new files become complete samples in one insert; existing samples get only the values
+    that changed (one bulk update per changed field). Returns the number of samples added."""
+    for name, (kind, _) in fields.items():
+        if kind is not None:
+            _ensure_field(fo, dataset, name, kind)
+    existing = dataset.values("filepath")
+    known = set(existing)
+    new = []
+    for i, p in enumerate(paths):
+        if p in known:
+            continue
+        values = {n: v[i] for n, (_, v) in fields.items() if v[i] is not None}
+        new.append(fo.Sample(filepath=p, **values))
+    for name, (_, values) in fields.items():
+        if not existing:
+            break
+        if name not in dataset.get_field_schema():
+            current = [None] * len(existing)
+        else:
+            current = dataset.values(name)
+        by_path = dict(zip(paths, values, strict=True))
+        changed = {fp: by_path[fp] for fp, old in zip(existing, current, strict=True)
+                   if _comparable(old) != _comparable(by_path[fp])}
+        if changed:
+            dataset.set_values(name, changed, key_field="filepath")
     if new:
         dataset.add_samples(new, progress=progress)
-    return len(new), len(stale_dupes)
+    return len(new)
 
 
 def _tags(old_tags: list[str] | None, flags: list[str], issue_names: set[str]) -> list[str]:
@@ -264,11 +295,17 @@ def build_dataset(run: str | os.PathLike | None, config: BridgeConfig | None = N
         dataset = fo.load_dataset(name) if fo.dataset_exists(name) else fo.Dataset(name, persistent=True)
         dataset.persistent = True
         _ensure_field(fo, dataset, "relpath", "str")
-        added, removed = _sync_samples(fo, dataset, paths, manifest["filepath"].tolist(), progress)
+        removed = _remove_stale_samples(dataset, paths)
+        added = _apply_fields(fo, dataset, paths, _fields(fo, dataset, run_dir, manifest, paths), progress)
         log.info("fiftyone: dataset %s: %d samples added, %d removed", name, added, removed)
-        _write_fields(fo, dataset, run_dir, manifest, paths)
         if cfg.brain:
-            _run_brain(fo, dataset, run_dir, manifest, paths, cfg)
+            # Brain reads only the predictions, embeddings and labels: rerun it only when those changed
+            brain_inputs = {k: v for k, v in fingerprint["files"].items() if k.endswith(".npy")}
+            brain_inputs.update(method=cfg.visualization_method, rows=hashlib.sha1(
+                "\n".join(f"{p}\t{lab}" for p, lab in zip(paths, manifest["label"], strict=True)).encode()).hexdigest())
+            if force or dataset.info.get("brain_inputs") != brain_inputs:
+                _run_brain(fo, dataset, run_dir, manifest, paths, cfg)
+                dataset.info["brain_inputs"] = brain_inputs
         views = _save_views(fo, dataset, run_dir, manifest, cfg)
         dataset.info.update({"run_dir": str(run_dir.resolve()), "data_root": str(data_root), "inputs": fingerprint,
                              "built_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
@@ -284,17 +321,18 @@ def build_dataset(run: str | os.PathLike | None, config: BridgeConfig | None = N
     return dataset
 
 
-def _write_fields(fo, dataset, run_dir: Path, manifest: pd.DataFrame, paths: list[str]) -> None:
+def _fields(fo, dataset, run_dir: Path, manifest: pd.DataFrame, paths: list[str]) -> dict[str, tuple[str | None, list]]:
+    """Every sample field to write: name -> (declared kind or None for labels/metadata/tags, values in row order)."""
+    n = len(manifest)
+    fields: dict[str, tuple[str | None, list]] = {"relpath": ("str", manifest["filepath"].tolist())}
     classes = sorted(manifest["label"].dropna().unique().tolist())
-    _set_by_filepath(dataset, "ground_truth", paths,
-                     [fo.Classification(label=str(lab)) if isinstance(lab, str) and lab else None
-                      for lab in manifest["label"]])
+    fields["ground_truth"] = (None, [fo.Classification(label=str(lab)) if isinstance(lab, str) and lab else None
+                                     for lab in manifest["label"]])
     # Issue tags: what this manifest flags now, plus what earlier builds flagged (so stale ones go).
-    flags = [flags_of(c) for c in manifest.get("flags", pd.Series([""] * len(manifest)))]
+    flags = [flags_of(c) for c in manifest.get("flags", pd.Series([""] * n))]
     issue_names = set().union(*flags) | set(dataset.info.get("issue_tags", []))
     old = dict(zip(dataset.values("filepath"), dataset.values("tags"), strict=True))
-    _set_by_filepath(dataset, "tags", paths, [_tags(old.get(p), f, issue_names) for p, f in zip(paths, flags,
-                                                                                                 strict=True)])
+    fields["tags"] = (None, [_tags(old.get(p), f, issue_names) for p, f in zip(paths, flags, strict=True)])
     dataset.info["issue_tags"] = sorted(set().union(*flags))
 
     # image metadata from the manifest, so the App lays out the grid without probing every file
@@ -307,41 +345,32 @@ def _write_fields(fo, dataset, run_dir: Path, manifest: pd.DataFrame, paths: lis
             ok = np.isfinite(w) and np.isfinite(h) and w > 0 and h > 0
             meta.append(fo.ImageMetadata(width=int(w), height=int(h),
                                          size_bytes=int(b) if np.isfinite(b) else None) if ok else None)
-        _set_by_filepath(dataset, "metadata", paths, meta)
+        fields["metadata"] = (None, meta)
 
-    dup_group = [None if not g else str(g) for g in manifest.get("dup_group", pd.Series([""] * len(manifest)))]
+    dup_group = [None if not g else str(g) for g in manifest.get("dup_group", pd.Series([""] * n))]
     sizes = pd.Series(dup_group).map(pd.Series(dup_group).value_counts())
-    _ensure_field(fo, dataset, "dup_group", "str")
-    _set_by_filepath(dataset, "dup_group", paths, dup_group)
-    _ensure_field(fo, dataset, "dup_group_size", "int")
-    _set_by_filepath(dataset, "dup_group_size", paths, [int(s) if g else None for g, s in zip(dup_group, sizes,
-                                                                                             strict=True)])
+    fields["dup_group"] = ("str", dup_group)
+    fields["dup_group_size"] = ("int", [int(s) if g else None for g, s in zip(dup_group, sizes, strict=True)])
     for col, values in _duplicate_columns(run_dir, manifest).items():
-        kind = {"dup_kind": "str", "dup_keep": "bool", "dup_distance": "float"}[col]
-        _ensure_field(fo, dataset, col, kind)
-        _set_by_filepath(dataset, col, paths, values.tolist())
+        fields[col] = ({"dup_kind": "str", "dup_keep": "bool", "dup_distance": "float"}[col], values.tolist())
 
     for col in manifest.columns:
-        if col in _HANDLED_COLUMNS:
-            continue
-        kind, values = _column_values(manifest[col])
-        name = _field_name(col)
-        _ensure_field(fo, dataset, name, kind)
-        _set_by_filepath(dataset, name, paths, values)
+        if col not in _HANDLED_COLUMNS:
+            fields[_field_name(col)] = _column_values(manifest[col])
 
-    probs, models = _oof_predictions(run_dir, len(manifest), classes)
+    probs, models = _oof_predictions(run_dir, n, classes)
     if probs is None:
         if "predictions" in dataset.get_field_schema():
             dataset.delete_sample_field("predictions")
-        return
+        return fields
     logits = np.log(np.clip(probs, 1e-12, 1.0))  # log-probabilities: valid logits for a softmax
     best = probs.argmax(axis=1)
-    preds = [None if not np.all(np.isfinite(p)) else
-             fo.Classification(label=classes[k], confidence=float(p[k]), logits=lg)
-             for p, k, lg in zip(probs, best, logits, strict=True)]
-    _set_by_filepath(dataset, "predictions", paths, preds)
+    fields["predictions"] = (None, [None if not np.all(np.isfinite(p)) else
+                                    fo.Classification(label=classes[k], confidence=float(p[k]), logits=lg)
+                                    for p, k, lg in zip(probs, best, logits, strict=True)])
     dataset.info["prediction_models"] = models
     dataset.info["classes"] = classes
+    return fields
 
 
 def _run_brain(fo, dataset, run_dir: Path, manifest: pd.DataFrame, paths: list[str], cfg: BridgeConfig) -> None:
@@ -349,6 +378,13 @@ def _run_brain(fo, dataset, run_dir: Path, manifest: pd.DataFrame, paths: list[s
     import fiftyone.brain as fob
 
     F = fo.ViewField
+    # results of an earlier build go first, so nothing stale survives inputs that disappeared
+    for key in ("mistakenness", "uniqueness", "embeddings_" + cfg.visualization_method):
+        if key in dataset.list_brain_runs():
+            dataset.delete_brain_run(key)
+    for name in ("mistakenness", "uniqueness"):
+        if name in dataset.get_field_schema():
+            dataset.delete_sample_field(name)
     if "predictions" in dataset.get_field_schema():
         scored = dataset.exists("predictions").exists("ground_truth")
         fob.compute_mistakenness(scored, "predictions", "ground_truth", use_logits=True, progress=False)
@@ -370,9 +406,6 @@ def _run_brain(fo, dataset, run_dir: Path, manifest: pd.DataFrame, paths: list[s
         return
     rows = np.array([row_of[p] for p in view.values("filepath")])
     X = emb[rows].astype(np.float32)
-    for key in ("uniqueness", "embeddings_" + cfg.visualization_method):
-        if key in dataset.list_brain_runs():
-            dataset.delete_brain_run(key)
     fob.compute_uniqueness(view, embeddings=X, progress=False)
     fob.compute_visualization(view, embeddings=X, method=cfg.visualization_method,
                               brain_key="embeddings_" + cfg.visualization_method, seed=0, progress=False)
