@@ -9,6 +9,7 @@ A benchmark that fails is reported as failed and the others still run.
 
   scan       bench/scan_bench.py: curate scan vs a plain imagehash loop and vs the reduced-decode floor
   dup        bench/dup_bench.py: near-duplicate index (multi-index hashing) at 10k/100k(/1M) hashes
+  merge      bench/merge_bench.py: the scan's dataset-level steps per row (synthetic manifests of 100k(/1M) rows)
   dask       bench/dask_bench.py: --engine dask vs --engine local on the same data
   flag       `curate scan` + `curate flag --fast` on the data (timed), then bench/flag_eval.py on the result
   fiftyone   bench/fiftyone_bench.py on that flagged run folder
@@ -176,6 +177,24 @@ def bench_dask(args, ctx: dict) -> Step:
     return step
 
 
+def bench_merge(args, ctx: dict) -> Step:
+    step = Step("merge")
+    manifest = ROOT / "reports" / "flower_photos" / "manifest.csv"
+    if not manifest.exists():
+        step.status = f"skipped: needs {manifest.relative_to(ROOT)} (run `curate scan {args.data}`)"
+        return step
+    sizes = ["100000"] if args.quick else ["100000", "1000000"]
+    out = run_command([PYTHON, str(BENCH / "merge_bench.py"), "--sizes", *sizes, "--manifest", str(manifest)], step)
+    for line in out.splitlines():
+        if line.startswith("RESULT "):
+            r = json.loads(line[len("RESULT "):])
+            step.add(f"dataset-level steps, {r['rows']:,} rows", r["total_s"], "s",
+                     f"{r['us_per_row']} us/row, duplicates {r['seconds']['duplicates (exact + near index)']} s")
+            step.add(f"peak memory per row, {r['rows']:,} rows", r["peak_bytes_per_row"], "B",
+                     f"{r['bytes_per_row_before_merge']} B/row holding the rows before the merge")
+    return step
+
+
 def bench_flag(args, ctx: dict) -> Step:
     step = Step("flag")
     run = Path(ctx["tmp"]) / "run"
@@ -253,8 +272,8 @@ def bench_others(args, ctx: dict) -> Step:
 
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace, dict], Step]] = {
-    "scan": bench_scan, "dup": bench_dup, "dask": bench_dask, "flag": bench_flag, "fiftyone": bench_fiftyone,
-    "train": bench_train, "others": bench_others,
+    "scan": bench_scan, "dup": bench_dup, "merge": bench_merge, "dask": bench_dask, "flag": bench_flag,
+    "fiftyone": bench_fiftyone, "train": bench_train, "others": bench_others,
 }
 
 
