@@ -105,14 +105,15 @@ SEED = Preset(
     notes="the original blog post's recipe, key_dim=hidden_dim bug included",
 )
 
-# A whole flower_photos run in <= 20 minutes on 2 CPU cores: 64 px, 8x8 tokens from a conv stem.
+# A whole flower_photos run in <= 20 minutes on 2 CPU cores: 64 px, a conv stem down to 4x4 tokens.
 CPU = Preset(
     name="cpu",
     model=ViTConfig(image_size=64, patch_size=16, num_layers=6, hidden_dim=128, num_heads=4, mlp_dim=256,
                     dropout=0.1, stem="conv"),
-    batch_size=64, epochs=40, optimizer="adamw", learning_rate=1e-3, weight_decay=0.05, clipnorm=1.0,
+    # 40 epochs reached the same validation accuracy by epoch ~14 and only overfit afterwards (train 93%, val 69%).
+    batch_size=64, epochs=25, optimizer="adamw", learning_rate=1e-3, weight_decay=0.05, clipnorm=1.0,
     schedule="cosine", warmup_epochs=3, label_smoothing=0.1,
-    notes="2-core CPU budget: 64 px, conv stem, 6x128 encoder",
+    notes="2-core CPU budget: 64 px, conv stem to 4x4 tokens of 16 px, 6x128 encoder",
 )
 
 # A T4-class GPU: more pixels and tokens (16x16 grid), a wider, deeper encoder, longer schedule.
