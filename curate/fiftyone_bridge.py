@@ -295,8 +295,10 @@ def build_dataset(run: str | os.PathLike | None, config: BridgeConfig | None = N
         dataset = fo.load_dataset(name) if fo.dataset_exists(name) else fo.Dataset(name, persistent=True)
         dataset.persistent = True
         _ensure_field(fo, dataset, "relpath", "str")
+        timings = {"load": time.perf_counter() - t0}
         removed = _remove_stale_samples(dataset, paths)
         added = _apply_fields(fo, dataset, paths, _fields(fo, dataset, run_dir, manifest, paths), progress)
+        timings["fields"] = time.perf_counter() - t0 - sum(timings.values())
         log.info("fiftyone: dataset %s: %d samples added, %d removed", name, added, removed)
         if cfg.brain:
             # Brain reads only the predictions, embeddings and labels: rerun it only when those changed
@@ -306,7 +308,9 @@ def build_dataset(run: str | os.PathLike | None, config: BridgeConfig | None = N
             if force or dataset.info.get("brain_inputs") != brain_inputs:
                 _run_brain(fo, dataset, run_dir, manifest, paths, cfg)
                 dataset.info["brain_inputs"] = brain_inputs
+        timings["brain"] = time.perf_counter() - t0 - sum(timings.values())
         views = _save_views(fo, dataset, run_dir, manifest, cfg)
+        timings["views"] = time.perf_counter() - t0 - sum(timings.values())
         dataset.info.update({"run_dir": str(run_dir.resolve()), "data_root": str(data_root), "inputs": fingerprint,
                              "built_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
         dataset.save()
@@ -315,6 +319,7 @@ def build_dataset(run: str | os.PathLike | None, config: BridgeConfig | None = N
             "dataset": name, "database": _database_description(fo),
             "database_dir": None if fo.config.database_uri else fo.config.database_dir,
             "samples": len(dataset), "views": views, "build_seconds": round(seconds, 2),
+            "seconds_by_step": {k: round(v, 2) for k, v in timings.items()},
             "built_at": dataset.info["built_at"], "inputs": fingerprint})
     log.info("fiftyone: dataset %s built in %.1f s (%d samples, %d saved views)", name, seconds, len(dataset),
              len(views))
