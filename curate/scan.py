@@ -18,7 +18,6 @@ import json
 import logging
 import multiprocessing
 import os
-import pickle
 import signal
 import time
 import warnings
@@ -34,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from curate.io import CurateError, atomic_path, atomic_write_csv, atomic_write_json, default_run_dir, run_lock
+from curate.io import CurateError, atomic_write_csv, atomic_write_json, atomic_write_text, default_run_dir, run_lock
 from curate.quality import QualityBounds, data_relative_flags, data_thresholds, image_metrics
 
 log = logging.getLogger("curate.scan")
@@ -47,8 +46,8 @@ MANIFEST_COLUMNS = ["filepath", "label", "bytes", "sha256", "format", "width", "
 ISSUES = ["corrupt", "truncated", "not_image", "exact_duplicate", "near_duplicate", "cross_label_duplicate", "tiny",
           "odd_aspect_ratio", "blurry", "dark", "bright", "low_information", "grayscale"]
 
-CACHE_NAME = ".scan_cache.pkl"
-_CACHE_VERSION = 2
+CACHE_NAME = ".scan_cache.json"
+_CACHE_VERSION = 3
 HASH_INPUT_SIDE = 32  # imagehash.phash's working size (hash_size 8 x highfreq_factor 4)
 
 # Magic numbers of the formats we scan: a file that starts like an image but will not open is
@@ -326,24 +325,28 @@ def walk_data(root: Path) -> Walk:
 # ---------------------------------------------------------------- the cache
 
 def _load_cache(run_dir: Path, config: ScanConfig) -> dict[tuple[str, int, int], dict[str, Any]]:
+    """{(relpath, size, mtime_ns): row} from an earlier scan with the same per-file settings, else {}."""
     path = run_dir / CACHE_NAME
     if not path.exists():
         return {}
     try:
-        with open(path, "rb") as f:
-            blob = pickle.load(f)
+        blob = json.loads(path.read_text(encoding="utf-8"))
         if blob.get("version") == _CACHE_VERSION and blob.get("config") == config.fingerprint():
-            return blob["rows"]
-    except Exception as exc:  # a damaged cache only costs a full re-scan
+            columns = blob["columns"]
+            return {(rel, size, mtime): dict(zip(columns, values, strict=True))
+                    for rel, size, mtime, values in blob["rows"]}
+    except (ValueError, KeyError, TypeError, OSError) as exc:  # a damaged cache only costs a full re-scan
         log.warning("%s: ignoring unreadable scan cache (%s)", path, exc)
     return {}
 
 
 def _save_cache(run_dir: Path, config: ScanConfig, rows: dict[tuple[str, int, int], dict[str, Any]]) -> None:
-    with atomic_path(run_dir / CACHE_NAME) as tmp:
-        with open(tmp, "wb") as f:
-            pickle.dump({"version": _CACHE_VERSION, "config": config.fingerprint(), "rows": rows}, f,
-                        protocol=pickle.HIGHEST_PROTOCOL)
+    # JSON, not pickle: loading a cache must never be able to run code
+    table = [[rel, size, mtime, [row[c] for c in MANIFEST_COLUMNS]] for (rel, size, mtime), row in rows.items()]
+    blob = {"version": _CACHE_VERSION, "config": config.fingerprint(), "columns": MANIFEST_COLUMNS, "rows": table}
+    # numpy scalars (rows that came through Parquet) are written as plain numbers
+    text = json.dumps(blob, separators=(",", ":"), default=lambda v: v.item() if hasattr(v, "item") else str(v))
+    atomic_write_text(run_dir / CACHE_NAME, text)
 
 
 # ---------------------------------------------------------------- the scan

@@ -234,6 +234,11 @@ def test_rescan_reuses_the_cache_and_rereads_changed_files(small_dataset: Path, 
     scan(small_dataset, out=out, workers=1, use_cache=False, progress=False)
     assert json.loads((out / "scan.json").read_text())["from_cache"] == 0
 
+    (out / ".scan_cache.json").write_text("{not json")  # a damaged cache costs a full re-scan, nothing else
+    again = scan(small_dataset, out=out, workers=2, progress=False)
+    assert json.loads((out / "scan.json").read_text())["from_cache"] == 0
+    pd.testing.assert_frame_equal(again, third)
+
 
 def test_interrupted_scan_resumes_from_the_cache(small_dataset: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
