@@ -58,6 +58,7 @@ def one_size(n: int, manifest_csv: str) -> dict:
     del base, real
     rss0 = _rss_mb()
     t: dict[str, float] = {}
+    cpu0 = time.process_time()
 
     t0 = time.perf_counter()
     manifest = pd.DataFrame(records, columns=MANIFEST_COLUMNS)
@@ -79,7 +80,9 @@ def one_size(n: int, manifest_csv: str) -> dict:
     manifest.to_csv(os.devnull, index=False)
     t["write manifest.csv"] = time.perf_counter() - t0
     total = sum(t.values())
+    cpu = time.process_time() - cpu0
     return {"rows": n, "seconds": {k: round(v, 2) for k, v in t.items()}, "total_s": round(total, 2),
+            "cpu_s": round(cpu, 2), "cpu_us_per_row": round(1e6 * cpu / n, 1),
             "us_per_row": round(1e6 * total / n, 1), "duplicate_groups": int(dups["dup_group"].nunique()),
             "peak_rss_mb": round(_rss_mb(), 1), "start_rss_mb": round(rss_start, 1),
             "bytes_per_row_before_merge": round((rss0 - rss_start) * 2**20 / n),
@@ -102,7 +105,8 @@ def main() -> None:
                              capture_output=True, text=True, check=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
         steps = ", ".join(f"{k} {v:.2f}" for k, v in r["seconds"].items())
-        print(f"{n:>10,} rows: {r['total_s']:.2f} s = {r['us_per_row']:.1f} us/row ({steps}); "
+        print(f"{n:>10,} rows: {r['total_s']:.2f} s = {r['us_per_row']:.1f} us/row, CPU {r['cpu_us_per_row']:.1f} "
+              f"us/row ({steps}); "
               f"peak RSS {r['peak_rss_mb']:.0f} MB, above start {r['peak_bytes_per_row']} B/row "
               f"({r['bytes_per_row_before_merge']} B/row holding the rows before the merge); "
               f"{r['duplicate_groups']:,} duplicate groups", flush=True)

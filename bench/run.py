@@ -263,8 +263,14 @@ def bench_train(args, ctx: dict) -> Step:
     return step
 
 
+KNOWN_SCRIPTS = {"scan_bench.py", "dup_bench.py", "merge_bench.py", "dask_bench.py", "flag_eval.py",
+                 "fiftyone_bench.py", "train_bench.py", "run.py", "__main__.py", "__init__.py"}
+
+
 def bench_others(args, ctx: dict) -> Step:
     step = Step("others")
+    for script in sorted(p.name for p in BENCH.glob("*.py") if p.name not in KNOWN_SCRIPTS):
+        step.add(f"bench/{script}", "not run by this suite", "", "new script: add it to bench/run.py")
     for pkg in ("cleanvision", "imagededup"):
         step.add(pkg, "installed, no comparison script yet" if importlib.util.find_spec(pkg) else "not installed",
                  "", "optional comparison")
