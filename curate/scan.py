@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 import time
 import warnings
 from collections import Counter
@@ -358,6 +359,16 @@ def _scan_key(root: str, config: ScanConfig, item: tuple[str, int, int]) -> tupl
 def _ignore_sigint() -> None:
     # Ctrl-C is the parent's to handle (it saves the cache and stops the pool); workers just get terminated
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A parent killed outright (SIGKILL, OOM) cannot stop its pool: without this the workers would wait on
+    # the task queue forever, holding the terminal's pipes open. Leave as soon as the parent is gone.
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _scan_local(root: Path, todo: list[tuple[str, int, int]], config: ScanConfig, workers: int,
@@ -450,8 +461,13 @@ def scan(data: str | os.PathLike, out: str | os.PathLike | None = None, workers:
         try:
             per_file = (_scan_local(root, todo, config, workers, progress) if engine == "local" else
                         dask_rows(url or str(root), todo, config, run_dir, scheduler, workers, progress, use_cache))
+            # a checkpoint every tenth of the work (at least 64 files), so even a killed scan resumes
+            every, done = max(64, len(todo) // 10), 0
             for key, row in per_file:
                 rows_by_key[key] = row
+                done += 1
+                if done % every == 0 and done < len(todo):
+                    _save_cache(run_dir, config, rows_by_key)
         finally:
             if todo:  # keep what was done, so an interrupted scan resumes where it stopped
                 _save_cache(run_dir, config, rows_by_key)
