@@ -21,7 +21,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The bad dataset, scanned and flagged (--fast) once for the module: {data, outside, entries, run, ...}."""
     base = tmp_path_factory.mktemp("reliability")
     data = base / "bad"
-    entries = make_bad_dataset(data, outside_of(data), self_link=False)  # see the xfail below
+    entries = make_bad_dataset(data, outside_of(data))
     fingerprint = tree_fingerprint(data), tree_fingerprint(outside_of(data))
     run = base / "run"
     scan = run_cli(["scan", str(data), "--out", str(run), "--workers", "2", "-q"])
@@ -72,8 +72,6 @@ def test_scan_names_every_bad_file_and_its_reason_and_goes_on(corpus):
     _untouched(corpus)
 
 
-@pytest.mark.xfail(strict=True, reason="walk_data calls entry.is_dir() on a self-referencing symlink, which raises "
-                   "OSError ELOOP: the scan dies with a traceback (curate/scan.py, owner mid-edit)")
 def test_scan_of_a_symlink_to_itself_skips_it_with_a_reason(tmp_path):
     data = make_dataset(tmp_path / "d", per_class=2, classes=["daisy", "roses"])
     (data / "roses" / "loop.jpg").symlink_to("loop.jpg")
