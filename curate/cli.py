@@ -1,6 +1,8 @@
 """The `curate` command line: argument parsing, logging and exit codes; the work is in the API.
 
-Exit codes: 0 success, 1 a run that failed, 2 a usage or input error. Errors go to stderr.
+Exit codes: 0 success, 1 a run that failed (an unexpected exception: one line, the traceback with -v),
+2 a usage or input error, 130 interrupted (Ctrl-C). Errors go to stderr; -v/-q work before or after the
+subcommand; -v shows curate's debug lines, not those of the libraries it uses.
 Heavy libraries (keras, fiftyone) are imported inside the subcommand that needs them, so
 `curate --help` and `curate scan` start fast.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from curate.io import CurateError
@@ -128,9 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _own_or_warning(record: logging.LogRecord) -> bool:
+    # -v is for curate's own debug lines; libraries (matplotlib, PIL, fiftyone) only get through with warnings
+    return record.levelno >= logging.WARNING or record.name == "curate" or record.name.startswith("curate.")
+
+
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_own_or_warning)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -209,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"curate {args.command}: interrupted; finished outputs are kept, rerun to resume", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 -- a failed run: one line on stderr, exit 1 (the traceback with -v)
+        if args.verbose:
+            traceback.print_exc(file=sys.stderr)
+        hint = "" if args.verbose else " (rerun with -v for the traceback)"
+        print(f"curate {args.command}: failed: {type(exc).__name__}: {exc}{hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
