@@ -82,6 +82,10 @@ def _mtime_ns(info: dict[str, Any]) -> int:
     return 0
 
 
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
 def fsspec_walk(url: str) -> Walk:
     """List the images below an fsspec URL (class = first-level folder), as `curate.scan.walk_data` does.
 
@@ -106,6 +110,8 @@ def fsspec_walk(url: str) -> Walk:
         raise CurateError(f"{url}: cannot list ({exc})") from None
 
     walk = Walk()
+    # on a local file system, as walk_data: never read through a link out of DATA
+    local_root = os.path.realpath(base) if "file" in fs.protocol or "local" in fs.protocol else ""
     prefix = base + "/" if base else ""
     walk.classes = sorted(posixpath.basename(e["name"].rstrip("/")) for e in top if e.get("type") == "directory")
     walk.classes = [c for c in walk.classes if not c.startswith(".")]
@@ -122,6 +128,9 @@ def fsspec_walk(url: str) -> Walk:
             continue
         if not is_image:
             walk.other_files += 1
+            continue
+        if local_root and not _inside(os.path.realpath(name), local_root):
+            walk.skipped.append({"path": rel, "reason": "symlink pointing outside DATA, not followed"})
             continue
         walk.files.append((rel, int(info.get("size") or 0), _mtime_ns(info)))
         per_class[parts[0]] = per_class.get(parts[0], 0) + 1

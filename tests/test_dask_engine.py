@@ -126,6 +126,16 @@ def test_fsspec_walk_lists_what_walk_data_lists(mixed_dataset: Path) -> None:
     assert by_url.other_files == by_path.other_files == 1
 
 
+def test_fsspec_walk_does_not_read_through_a_link_out_of_data(small_dataset: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "secret.jpg"
+    outside.write_bytes((next((small_dataset / "daisy").glob("*.jpg"))).read_bytes())
+    (small_dataset / "daisy" / "link.jpg").symlink_to(outside)
+    walk = fsspec_walk(small_dataset.as_uri())
+    assert "daisy/link.jpg" not in [f[0] for f in walk.files]
+    assert {"path": "daisy/link.jpg", "reason": "symlink pointing outside DATA, not followed"} in walk.skipped
+    assert len(walk.files) == 30
+
+
 def test_split_url() -> None:
     assert split_url("/data/flowers") == ("/data/flowers", None)
     assert split_url("file:///data/flowers/") == ("/data/flowers", "file:///data/flowers")
