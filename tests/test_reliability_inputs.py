@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from badinputs import bad_manifests, make_bad_dataset, make_exif_pair, outside_of, run_cli
 from conftest import make_dataset, tree_fingerprint
+from test_fiftyone import private_mongo  # noqa: F401 -- a private MongoDB for `curate app --no-launch`
 
 from curate.io import read_manifest, safe_relpath
 
@@ -141,6 +142,20 @@ def test_train_tiny_skips_each_unreadable_photo_by_name(corpus, tmp_path, monkey
         assert f"skipping unreadable image {fp}" in err
     # CMYK, 16-bit, 1x1, PNG-as-.jpg, EXIF-rotated and oddly named photos were all trained on
     assert metrics["n_train"] + metrics["n_val"] + metrics["n_test"] == len(m) - len(unreadable)
+    _untouched(corpus)
+
+
+@pytest.mark.usefixtures("private_mongo")
+def test_app_no_launch_builds_the_dataset_with_the_unreadable_photos_in_their_view(corpus, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(corpus["flagged"], run)
+    rc, out, err = run_cli(["app", "--run", str(run), "--no-launch", "-q"])
+    assert rc == 0, err
+    m = read_manifest(run / "manifest.csv")
+    head = [line for line in out.splitlines() if line.startswith("FiftyOne dataset ")]
+    assert len(head) == 1 and f": {len(m)} samples" in head[0], out
+    views = {line.split()[1]: int(line.split()[2]) for line in out.splitlines()[1:] if line.strip().startswith("view")}
+    assert views["unreadable"] == sum(e.outcome == "error" for e in corpus["entries"])
     _untouched(corpus)
 
 
