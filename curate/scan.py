@@ -48,7 +48,7 @@ ISSUES = ["corrupt", "truncated", "not_image", "exact_duplicate", "near_duplicat
           "odd_aspect_ratio", "blurry", "dark", "bright", "low_information", "grayscale"]
 
 CACHE_NAME = ".scan_cache.json"
-_CACHE_VERSION = 3
+_CACHE_VERSION = 4  # 4: pixels and sizes as displayed (EXIF orientation applied)
 HASH_INPUT_SIDE = 32  # imagehash.phash's working size (hash_size 8 x highfreq_factor 4)
 
 # Magic numbers of the formats we scan: a file that starts like an image but will not open is
@@ -143,6 +143,21 @@ def _to_working_rgb(im: Image.Image, decode_size: int) -> Image.Image:
     return _reduce_towards(im, decode_size)
 
 
+# EXIF orientation -> the transpose that shows the picture upright (as ImageOps.exif_transpose does)
+_EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                   4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                   7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1 = upright; also for no or unreadable EXIF)."""
+    try:
+        value = im.getexif().get(0x0112, 1)
+        return int(value) if int(value) in _EXIF_TRANSPOSE else 1
+    except Exception:  # noqa: BLE001 -- malformed EXIF: the stored pixels are all there is
+        return 1
+
+
 def _reduce_towards(im: Image.Image, side: int) -> Image.Image:
     """`im` box-reduced by the largest power of two (at most 8) that keeps its shorter side >= `side`."""
     factor = 1
@@ -207,12 +222,19 @@ def scan_bytes(data: bytes, relpath: str, config: ScanConfig) -> dict[str, Any]:
                     im.draft("RGB", (config.decode_size, config.decode_size))
                 im.load()
                 rgb = _to_working_rgb(im, config.decode_size)
+                orientation = _orientation(im)
         except OSError as exc:
             flag = "truncated" if "truncat" in str(exc).lower() else "corrupt"
             return _fail(row, flag, f"cannot decode image: {exc}")
         except (SyntaxError, ValueError, MemoryError, Image.DecompressionBombError) as exc:
             return _fail(row, "corrupt", f"cannot decode image: {exc}")
 
+    if orientation != 1:
+        # hash and measure the picture as every viewer (and the trainer) shows it, at its displayed size
+        rgb = rgb.transpose(_EXIF_TRANSPOSE[orientation])
+        if orientation >= 5:
+            width, height = height, width
+            row["width"], row["height"] = width, height
     gray = rgb.convert("L")
     # pHash starts by shrinking to 32x32: a box-reduced copy at >= 32 px loses nothing it uses and halves the cost
     row["phash"], row["dhash"] = image_hashes(_reduce_towards(gray, HASH_INPUT_SIDE))
