@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageOps
 
 from curate.io import CurateError, atomic_save_npy, atomic_write_text, safe_relpath
 
@@ -46,6 +46,7 @@ class Representation:
 def _decode(path: Path, size: int) -> np.ndarray:
     with Image.open(path) as im:
         im.draft("RGB", (size * 2, size * 2))  # JPEG DCT scaling: decode at a fraction of full size
+        im = ImageOps.exif_transpose(im)  # as displayed, as scan hashes it and the trainer sees it
         im = im.convert("RGB").resize((size, size), Image.BILINEAR)
         return np.asarray(im, dtype=np.uint8)
 
