@@ -28,7 +28,8 @@ CLASSES = ["daisy", "roses", "tulips"]
 class BadEntry:
     path: str  # relative to DATA (POSIX)
     what: str  # a few words for the reliability table
-    outcome: str  # "row" (scanned, readable), "error" (a row with an error), "skipped" (not in the manifest)
+    outcome: str  # "row" (readable), "error" (a row with an error), "skipped" (left out, with a reason on stderr),
+    # "ignored" (left out silently: hidden files, other extensions)
     flag: str = ""  # for "error": the scan flag it must carry; for "row": a flag it must carry (or "")
 
 
@@ -129,6 +130,10 @@ def make_bad_dataset(root: Path, outside: Path, good_per_class: int = 4, self_li
         add(r / "link_self.jpg", "symlink to itself", "skipped")
     (root / "linked_class").symlink_to(outside, target_is_directory=True)
     add(root / "linked_class", "class folder that is a symlink out of DATA", "skipped")
+    shutil.copyfile(spare[7], d / ".hidden.jpg")
+    add(d / ".hidden.jpg", "hidden file (.name)", "ignored")
+    (d / "notes.txt").write_text("not an image extension")
+    add(d / "notes.txt", "non-image extension (.txt)", "ignored")
     shutil.copyfile(spare[7], root / "loose.jpg")
     add(root / "loose.jpg", "photo outside any class folder", "skipped")
     return entries

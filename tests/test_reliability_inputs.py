@@ -49,6 +49,9 @@ def test_scan_names_every_bad_file_and_its_reason_and_goes_on(corpus):
     info = json.loads((corpus["run"] / "scan.json").read_text())
     skipped = {s["path"]: s["reason"] for s in info["skipped"]}
     for e in corpus["entries"]:
+        if e.outcome == "ignored":
+            assert e.path not in m.index and e.path not in skipped and e.path not in err, e
+            continue
         if e.outcome == "skipped":
             assert e.path not in m.index, e
             assert e.path in skipped and f"{e.path}: skipped: {skipped[e.path]}" in err, e
@@ -63,6 +66,7 @@ def test_scan_names_every_bad_file_and_its_reason_and_goes_on(corpus):
         else:
             assert row["error"] == "", (e, row["error"])
             assert not e.flag or e.flag in _flags(row["flags"]), (e, row["flags"])
+    assert info["ignored_non_image_files"] == sum(e.path.endswith(".txt") for e in corpus["entries"])
     m = m.reset_index()
     assert m.loc[m["filepath"] == "roses/png_named.jpg", "format"].item() == "PNG"
     assert m.loc[m["filepath"] == "roses/cmyk.jpg", "mode"].item() == "CMYK"
