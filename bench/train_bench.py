@@ -13,6 +13,11 @@
         the test photos minus every photo listed in ../shared/audit/dev_audit.csv (a hand audit of
         off-class photos; only benchmarks may read it). Prints accuracy on both and the wall time.
 
+How to read the pipeline ratio: the post's pipeline decodes on tf.data's prefetch thread, in parallel with
+the train step, so it only costs throughput when decoding is slower than the step. On a 2-core CPU a
+200 px ViT step is the slower one for any encoder worth training, and the ratio stays near 1x; it grows
+as the encoder shrinks (or on a GPU, where the step is fast and decoding is not).
+
 Machine and backend are printed with every result; results are appended to bench/results/train_bench.jsonl.
 """
 
