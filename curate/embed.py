@@ -188,7 +188,7 @@ def represent(kind: str, run_dir: Path, data_root: Path, manifest: pd.DataFrame,
         images = load_images(run_dir, data_root, filepaths, 224, progress)
         return Representation(name.lower(), keras_application(name, images))
     if kind == "vit":
-        return vit_kfold(run_dir, data_root, manifest, classes, cfg, progress)
+        return vit_kfold(run_dir, data_root, manifest, classes, cfg, progress, recipe=getattr(cfg, "vit", None))
     raise CurateError(f"--embeddings {kind}: expected 'vit', 'features' or 'keras:<Name>'")
 
 

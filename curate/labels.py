@@ -7,7 +7,12 @@ Three views of "this photo does not belong to its folder", each its own column (
 - `q_cluster`: within-class structure. Each class's embeddings are clustered; a cluster scores low when
   it is small and its centre lies far from the class's main mass (a coherent off-class group such as
   parade photos in roses/ forms such a cluster even when a model learned it as "roses").
-They are combined by averaging their within-run percentile ranks into `label_quality` (0..1).
+With trained models (the K-fold ViT) two more: `q_confidence`, the out-of-fold highest class probability
+(low when a photo looks like none of the classes), and `q_features`, `q_cluster` computed on the cheap
+features instead (a second, independent representation; bench/flag_ablation.py measured that adding it
+helps). All are combined by averaging their within-run percentile ranks into `label_quality` (0..1).
+In the K-fold ViT each fold's held-out photos are embedded by that fold's model, so kNN and clusters are
+computed within each fold.
 
 Flags: `off_class` for the lowest-quality photos, as many as cleanlab estimates the data holds label
 issues (its confident-joint noise estimate, read from the data, never from a hand audit), and `outlier`
@@ -37,8 +42,8 @@ from curate.io import (
 
 log = logging.getLogger("curate.labels")
 
-FLAG_COLUMNS = ["label_quality", "q_cleanlab", "q_knn", "q_cluster", "suggested_label", "cluster",
-                "models_disagreeing"]
+FLAG_COLUMNS = ["label_quality", "q_cleanlab", "q_knn", "q_cluster", "q_confidence", "q_features",
+                "suggested_label", "cluster", "models_disagreeing"]
 
 
 @dataclass
@@ -48,12 +53,15 @@ class FlagConfig:
     folds: int = 5
     knn_k: int = 10  # neighbours for q_knn
     cluster_size: int = 25  # about one within-class cluster per this many photos
-    weights: dict[str, float] = field(default_factory=lambda: {"q_cleanlab": 1.0, "q_knn": 1.0, "q_cluster": 1.0})
+    # equal weights for every component present; bench/flag_ablation.py measured each alone and together
+    weights: dict[str, float] = field(default_factory=lambda: {
+        "q_cleanlab": 1.0, "q_knn": 1.0, "q_cluster": 1.0, "q_confidence": 1.0, "q_features": 1.0})
     outlier_z: float = 3.5  # robust z of the distance to the nearest class centre
     max_off_class_fraction: float = 0.2  # never flag more than this share of a run as off_class
     image_size: int = 96  # decode size of the cheap features
     group_folds: bool = True  # K-fold ViT: keep visual clusters of a first all-data ViT within one fold
     group_size: int = 20  # photos per visual group for the grouped folds
+    vit: object | None = None  # a curate.embed.KFoldRecipe; None = its defaults (48 px, 12 epochs)
     seed: int = 0
 
 
@@ -197,13 +205,16 @@ def combine(components: dict[str, np.ndarray], weights: dict[str, float]) -> np.
 # ---------------------------------------------------------------- the stage
 
 def score(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, oof_probs: dict[str, np.ndarray],
-          cfg: FlagConfig, space: np.ndarray | None = None) -> dict:
+          cfg: FlagConfig, space: np.ndarray | None = None, extra: dict[str, np.ndarray] | None = None) -> dict:
     """All per-photo scores from embeddings and out-of-fold probabilities of one or more models.
 
     `oof_probs` maps a model name to N x C probabilities; with none, kNN class distributions stand in
     (they are out-of-sample too: a photo is never its own neighbour). `space` says which rows share an
     embedding space (the K-fold ViT gives each fold's held-out photos its own model's embeddings, which
-    are not comparable across folds): kNN and clusters are computed within each space.
+    are not comparable across folds): kNN and clusters are computed within each space. `extra`: more
+    components (name -> quality, low = suspicious) to combine, e.g. `q_features` from a second
+    representation. With trained models, `q_confidence` (their highest class probability) is added: low
+    when the photo looks like none of the classes.
     """
     n = len(labels)
     space = np.zeros(n, dtype=int) if space is None else np.asarray(space)
@@ -233,6 +244,9 @@ def score(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, oof_probs:
     q_cleanlab, issues = cleanlab_quality(labels, mean_probs)
     q_knn = knn_probs[np.arange(n), labels]
     components = {"q_cleanlab": q_cleanlab, "q_knn": q_knn, "q_cluster": q_cluster}
+    if oof_probs:
+        components["q_confidence"] = mean_probs.max(1)
+    components.update(extra or {})
     quality = combine(components, cfg.weights)
     preds = {name: p.argmax(1) for name, p in probs_by_model.items()}
     disagreeing = np.sum([pr != labels for pr in preds.values()], axis=0)
@@ -292,7 +306,13 @@ def flag(run: str | Path | None, folds: int = 5, embeddings: str | None = None, 
                               f"photos, fewer than --folds {folds}")
         rep = embed.represent(kind, run_dir, data_root, good, classes, cfg, progress=progress)
         oof = {rep.name: rep.oof_probs} if rep.oof_probs is not None else {}
-        s = score(rep.embeddings, labels, len(classes), oof, cfg, space=rep.space)
+        extra = {}
+        if rep.name != "features":
+            # a second, independent representation: within-class clusters of the cheap features (seconds)
+            feats = embed.represent("features", run_dir, data_root, good, classes, cfg, progress=progress)
+            extra["q_features"] = cluster_quality(feats.embeddings, labels, len(classes), cfg.cluster_size,
+                                                  cfg.seed)[0]
+        s = score(rep.embeddings, labels, len(classes), oof, cfg, space=rep.space, extra=extra)
         off, outlier = choose_flags(s, cfg)
         _write_outputs(run_dir, df, ok, good, classes, labels, rep, s, off, outlier)
         log.info("flag: %d photos scored with %s in %.0f s; %d off_class, %d outlier -> %s",
@@ -312,7 +332,7 @@ def _write_outputs(run_dir: Path, df: pd.DataFrame, ok: np.ndarray, good: pd.Dat
     out = df.copy()
     old = [c for c in out.columns if c in FLAG_COLUMNS or c.startswith("pred_")]
     out = out.drop(columns=old)
-    for col in ("label_quality", "q_cleanlab", "q_knn", "q_cluster"):
+    for col in ["label_quality"] + [c for c in s if c.startswith("q_")]:
         out[col] = full(np.round(s[col], 5).astype(float))
     suggested = np.array(classes, dtype=object)[s["mean_probs"].argmax(1)]
     out["suggested_label"] = ""

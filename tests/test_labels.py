@@ -136,3 +136,21 @@ def test_flag_usage_errors(small_dataset, tmp_path):
         L.flag(run, embeddings="vit", fast=True, progress=False)
     with pytest.raises(CurateError, match="fewer than --folds"):
         L.flag(run, folds=10, embeddings="vit", progress=False)
+
+
+def test_flag_with_a_tiny_kfold_vit_writes_its_out_of_fold_outputs(small_dataset, tmp_path):
+    from curate.embed import KFoldRecipe
+
+    run = _scanned_run(small_dataset, tmp_path / "run")
+    tiny = KFoldRecipe(image_size=16, patch_size=8, num_layers=1, hidden_dim=8, num_heads=2, mlp_dim=16,
+                       epochs=1, batch_size=8)
+    L.flag(run, folds=2, embeddings="vit", progress=False, config=L.FlagConfig(vit=tiny, group_size=3))
+    df = read_manifest(run / "manifest.csv")
+    for col in ["q_cleanlab", "q_knn", "q_cluster", "q_confidence", "q_features", "pred_vit"]:
+        assert df[col].notna().all(), col
+    assert df["label_quality"].between(0, 1).all()
+    oof = np.load(run / "oof_vit.npy")
+    assert oof.shape == (len(df), 5)
+    np.testing.assert_allclose(oof.sum(1), 1, atol=1e-4)
+    assert (df["pred_vit"] == np.array(sorted(set(df["label"])))[oof.argmax(1)]).all()
+    assert np.load(run / "embeddings.npy").shape == (len(df), 8)

@@ -1,0 +1,95 @@
+"""Rescore a finished `curate flag` run with each component alone and in combinations (benchmark only).
+
+Usage:
+    .venv/bin/python bench/flag_ablation.py RUN_DIR [--audit CSV]
+
+Reads the run's saved arrays (oof_<model>.npy, embeddings.npy, the cached fold predictions and, for the
+grouped K-fold ViT, the all-data model's embeddings in cache/vit_all_*.npz) plus the cheap features, so
+no model is trained again. Prints the AP against the hand audit of every component and combination, so
+the defaults in curate.labels.FlagConfig can be chosen from measurements. Takes about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import itertools
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flag_eval import AUDIT, load_audit, ranking_scores  # noqa: E402
+
+from curate import embed  # noqa: E402
+from curate import labels as L  # noqa: E402
+from curate.io import data_root_of, read_manifest  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", help="run folder after `curate flag` (full mode)")
+    ap.add_argument("--audit", default=str(AUDIT))
+    args = ap.parse_args(argv)
+    run = Path(args.run)
+    audit = load_audit(args.audit)
+    df = read_manifest(run / "manifest.csv")
+    ok = (df["error"] == "").to_numpy()
+    good = df[ok].reset_index(drop=True)
+    classes = embed.class_names(good["label"])
+    y = good["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    n_cls = len(classes)
+    fp = good["filepath"]
+
+    def ap_of(q: np.ndarray) -> float:
+        return ranking_scores(fp, q, audit)["ap"]
+
+    cfg = L.FlagConfig()
+    oof_files = sorted(run.glob("oof_*.npy"))
+    probs = np.load(oof_files[0])[ok] if oof_files else None
+    emb = np.load(run / "embeddings.npy")[ok]
+    common_files = glob.glob(str(run / "cache" / "vit_all_*.npz"))
+    common = np.load(common_files[0])["emb"] if common_files else None
+    groups = embed.visual_groups(common, y, cfg.group_size, cfg.seed) if common is not None else None
+    fold = embed.fold_assignment(y, cfg.folds, cfg.seed, groups) if probs is not None else None
+    images = embed.load_images(run, data_root_of(run), fp.tolist(), cfg.image_size)
+    feats = embed.cheap_features(images)
+
+    comps: dict[str, np.ndarray] = {}
+    if probs is not None:
+        print(f"out-of-fold accuracy: {(probs.argmax(1) == y).mean():.3f}")
+        comps["vit_cleanlab"], _ = L.cleanlab_quality(y, probs)
+        p = L._safe_probs(probs)
+        comps["vit_maxprob"] = p.max(1)  # low = unlike every class
+        comps["vit_margin"] = p[np.arange(len(y)), y] - np.where(
+            np.arange(n_cls) == y[:, None], -1, p).max(1)
+        s = L.score(emb, y, n_cls, {"vit": probs}, cfg, space=fold)
+        comps["vit_knn_perfold"] = s["q_knn"]
+        comps["vit_cluster_perfold"] = s["q_cluster"]
+    if common is not None:
+        comps["common_cluster"], _, _ = L.cluster_quality(common, y, n_cls, cfg.cluster_size, cfg.seed)
+        comps["common_knn"] = L.knn_quality(common, y, n_cls, cfg.knn_k)
+    comps["features_cluster"], _, _ = L.cluster_quality(feats, y, n_cls, cfg.cluster_size, cfg.seed)
+    comps["features_knn"] = L.knn_quality(feats, y, n_cls, cfg.knn_k)
+
+    print(f"machine: {platform.node()} ({platform.machine()}), {len(y)} photos, base rate "
+          f"{ranking_scores(fp, comps['features_knn'], audit)['base_rate']:.3f}")
+    for name, q in comps.items():
+        print(f"  {name:<22} AP {ap_of(q):.3f}")
+    names = list(comps)
+    results = []
+    for r in (2, 3):
+        for combo in itertools.combinations(names, r):
+            q = L.combine({n: comps[n] for n in combo}, {n: 1.0 for n in combo})
+            results.append((ap_of(q), combo))
+    print("best equal-weight combinations:")
+    for a, combo in sorted(results, reverse=True)[:10]:
+        print(f"  AP {a:.3f}  {' + '.join(combo)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
