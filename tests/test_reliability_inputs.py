@@ -149,6 +149,20 @@ def test_train_tiny_skips_each_unreadable_photo_by_name(corpus, tmp_path, monkey
     _untouched(corpus)
 
 
+def test_preview_sheets_show_unreadable_photos_as_numbered_placeholders(corpus, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(corpus["flagged"], run)
+    rc, out, err = run_cli(["preview", "--run", str(run), "--by", "flag", "-q"])
+    assert rc == 0, err
+    listed = set()
+    for flag in ("corrupt", "truncated", "not_image"):
+        sheet = pd.read_csv(run / "sheets" / "flag" / f"{flag}.csv", dtype=str, keep_default_na=False)
+        assert (run / "sheets" / "flag" / sheet["sheet"].iloc[0]).stat().st_size > 0
+        listed |= set(sheet["filepath"])
+    assert listed == {e.path for e in corpus["entries"] if e.outcome == "error"}
+    _untouched(corpus)
+
+
 @pytest.mark.usefixtures("private_mongo")
 def test_app_no_launch_builds_the_dataset_with_the_unreadable_photos_in_their_view(corpus, tmp_path):
     run = tmp_path / "run"

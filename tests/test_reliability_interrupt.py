@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
+import psutil  # installed with fiftyone and dask.distributed (both require it)
 import pytest
 from badinputs import run_cli
 from conftest import make_dataset, tree_fingerprint
