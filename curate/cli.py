@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", default=None, metavar="NAME",
                    help="representation: 'vit' (own ViT, K-fold; the offline default), "
                    "'keras:<keras.applications name>' (pretrained ImageNet weights), or 'features'")
-    p.add_argument("--fast", action="store_true", help="cheap features only (minutes, less accurate)")
+    p.add_argument("--fast", action="store_true", help="cheap features only: under a minute for 3,000 photos, much less accurate")
     _add_common(p)
 
     p = sub.add_parser("app", help="build the FiftyOne dataset and its saved views; launch the App")
