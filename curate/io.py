@@ -13,10 +13,11 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pandas as pd
+if TYPE_CHECKING:  # numpy/pandas are imported where used: every `curate` process imports this module
+    import numpy as np
+    import pandas as pd
 
 REPORTS_DIR = Path("reports")
 
@@ -65,12 +66,16 @@ def atomic_write_csv(path: str | os.PathLike, df: pd.DataFrame) -> None:
 
 
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    import numpy as np
+
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array)
 
 
 def _json_default(obj: Any) -> Any:
+    import numpy as np
+
     if isinstance(obj, np.integer):
         return int(obj)
     if isinstance(obj, np.floating):
@@ -146,6 +151,9 @@ def data_root_of(run_dir: str | os.PathLike) -> Path:
 
 def read_manifest(path: str | os.PathLike, required: Sequence[str] = ("filepath", "label")) -> pd.DataFrame:
     """Read a manifest CSV with string columns kept as strings; check the `required` columns."""
+    import numpy as np
+    import pandas as pd
+
     path = Path(path)
     if not path.exists():
         raise CurateError(f"{path}: manifest not found")
