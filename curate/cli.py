@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", default=None, metavar="NAME",
                    help="representation: 'vit' (own ViT, K-fold; the offline default), "
                    "'keras:<keras.applications name>' (pretrained ImageNet weights), or 'features'")
-    p.add_argument("--fast", action="store_true", help="cheap features only: under a minute for 3,000 photos, much less accurate")
+    p.add_argument("--fast", action="store_true",
+                   help="cheap features only: under a minute for 3,000 photos, much less accurate")
     _add_common(p)
 
     p = sub.add_parser("app", help="build the FiftyOne dataset and its saved views; launch the App")
@@ -99,11 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser("compare", help="train on raw and cleaned manifests; compare on the same test photos")
-    p.add_argument("--raw", required=True, metavar="MANIFEST")
-    p.add_argument("--clean", required=True, metavar="CLEANED")
+    p.add_argument("--raw", required=True, metavar="MANIFEST", help="the raw manifest (e.g. <run>/manifest.csv)")
+    p.add_argument("--clean", required=True, metavar="CLEANED", help="the cleaned manifest (e.g. <run>/cleaned.csv)")
     p.add_argument("--data", metavar="DATA", help="data root (default: the run's scanned folder)")
     p.add_argument("--run", metavar="DIR", help="run folder to write compare.json into")
-    p.add_argument("--preset", default="cpu", choices=["seed", "cpu", "gpu", "tiny"])
+    p.add_argument("--preset", default="cpu", choices=["seed", "cpu", "gpu", "tiny"],
+                   help="trainer recipe (default: cpu)")
     p.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds per manifest (default: 3)")
     p.add_argument("--epochs", type=int, metavar="N", help="override the preset's epochs")
     _add_common(p)
@@ -114,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("preview", help="contact sheets: numbered thumbnail grids per class, flag or cluster")
     p.add_argument("--run", metavar="DIR", help="run folder")
-    p.add_argument("--by", choices=["label", "flag", "cluster"], default="label")
+    p.add_argument("--by", choices=["label", "flag", "cluster"], default="label",
+                   help="one sheet set per class, per flag or per cluster (default: label)")
     p.add_argument("--only", metavar="FLAG", help="only photos carrying this flag")
     _add_common(p)
 
@@ -124,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="source", metavar="PATH", help="where to fetch the dataset from if missing")
     p.add_argument("--out", metavar="DIR", help="run folder (default: reports/<dataset name>/)")
     p.add_argument("--fast", action="store_true", help="flag with cheap features")
-    p.add_argument("--preset", default="cpu", choices=["seed", "cpu", "gpu", "tiny"])
-    p.add_argument("--seeds", type=int, default=3, metavar="N")
+    p.add_argument("--preset", default="cpu", choices=["seed", "cpu", "gpu", "tiny"],
+                   help="trainer recipe for compare (default: cpu)")
+    p.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds per manifest for compare (default: 3)")
     p.add_argument("--skip-compare", action="store_true", help="do not retrain (no before/after accuracy)")
     _add_common(p)
     return parser
