@@ -33,7 +33,7 @@ class BadEntry:
     flag: str = ""  # for "error": the scan flag it must carry; for "row": a flag it must carry (or "")
 
 
-def _png_claiming(width: int, height: int) -> bytes:
+def png_claiming(width: int, height: int) -> bytes:
     """A 1x1 PNG whose IHDR claims width x height pixels (a decompression bomb as far as the header goes)."""
     buf = io.BytesIO()
     Image.new("L", (1, 1)).save(buf, "PNG")
@@ -102,7 +102,7 @@ def make_bad_dataset(root: Path, outside: Path, good_per_class: int = 4, self_li
     add(r / "deep16.png", "16-bit greyscale PNG", "row", "grayscale")
     Image.new("RGB", (1, 1), (200, 30, 30)).save(t / "one_pixel.png")
     add(t / "one_pixel.png", "1x1 PNG", "row", "tiny")
-    (t / "bomb.png").write_bytes(_png_claiming(20_000, 20_000))
+    (t / "bomb.png").write_bytes(png_claiming(20_000, 20_000))
     add(t / "bomb.png", "PNG header claiming 20000x20000", "error", "corrupt")
     (t / "bomb.jpg").write_bytes(_jpeg_claiming(spare[2], 20_000, 20_000))
     add(t / "bomb.jpg", "JPEG header claiming 20000x20000", "error", "corrupt")

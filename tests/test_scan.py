@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
-import struct
-import zlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,6 +13,7 @@ import imagehash
 import numpy as np
 import pandas as pd
 import pytest
+from badinputs import png_claiming
 from conftest import FLOWERS, make_dataset, real_photos, tree_fingerprint
 from PIL import Image
 
@@ -95,18 +93,6 @@ def test_hashes_equal_imagehash_on_the_working_image(tmp_path: Path) -> None:
         assert (p, d) == (str(imagehash.phash(gray)), str(imagehash.dhash(gray))), src
 
 
-def _png_bomb(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims width x height pixels (a decompression bomb for Pillow)."""
-    buf = io.BytesIO()
-    Image.new("L", (1, 1)).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    ihdr = data.index(b"IHDR")
-    data[ihdr + 4: ihdr + 12] = struct.pack(">II", width, height)
-    crc = zlib.crc32(bytes(data[ihdr: ihdr + 17])) & 0xFFFFFFFF
-    data[ihdr + 17: ihdr + 21] = struct.pack(">I", crc)
-    return bytes(data)
-
-
 @pytest.fixture
 def bad_dataset(tmp_path: Path) -> tuple[Path, Path]:
     """A dataset mixing good photos with every kind of bad input; returns (DATA, a photo outside DATA)."""
@@ -128,7 +114,7 @@ def bad_dataset(tmp_path: Path) -> tuple[Path, Path]:
     rgba = im.copy()
     rgba.putalpha(128)
     rgba.save(r / "alpha.png")
-    (r / "bomb.png").write_bytes(_png_bomb(40_000, 40_000))
+    (r / "bomb.png").write_bytes(png_claiming(40_000, 40_000))
     shutil.copyfile(photo[2], r / "café del mar ünï.JPG")
     im.resize((40, 30)).save(d / "tiny.jpg")
     im.crop((0, 0, im.width, im.width // 4)).save(d / "wide.jpg")
