@@ -25,6 +25,7 @@ import pandas as pd
 from PIL import Image, ImageOps
 
 from curate.io import CurateError, atomic_save_npy, atomic_write_text, safe_relpath
+from train.presets import FLAG, Preset
 
 log = logging.getLogger("curate.embed")
 
@@ -194,35 +195,6 @@ def represent(kind: str, run_dir: Path, data_root: Path, manifest: pd.DataFrame,
 
 # ---------------------------------------------------------------- (b) own ViT, K-fold
 
-@dataclass(frozen=True)
-class KFoldRecipe:
-    """How the own ViT is trained per fold for `curate flag` (small: K models must fit the time budget)."""
-
-    image_size: int = 48
-    patch_size: int = 8
-    num_layers: int = 4
-    hidden_dim: int = 96
-    num_heads: int = 4
-    mlp_dim: int = 192
-    epochs: int = 15
-    batch_size: int = 64
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.05
-    label_smoothing: float = 0.1
-    flip_tta: bool = True  # average predictions over the photo and its mirror image
-
-    def preset(self):
-        """This recipe as a train.presets.Preset (conv-stem ViT, AdamW, warm-up + cosine)."""
-        from train.presets import Preset, ViTConfig
-
-        model = ViTConfig(image_size=self.image_size, patch_size=self.patch_size, num_layers=self.num_layers,
-                          hidden_dim=self.hidden_dim, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-                          dropout=0.1, stem="conv")
-        return Preset(name="flag-kfold", model=model, batch_size=self.batch_size, epochs=self.epochs,
-                      learning_rate=self.learning_rate, weight_decay=self.weight_decay,
-                      warmup_epochs=max(1, self.epochs // 10), label_smoothing=self.label_smoothing)
-
-
 def fold_assignment(labels: np.ndarray, folds: int, seed: int = 0, groups: np.ndarray | None = None) -> np.ndarray:
     """Fold index per photo: stratified by label; with `groups`, a whole group lands in one fold."""
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
@@ -239,15 +211,15 @@ def fold_assignment(labels: np.ndarray, folds: int, seed: int = 0, groups: np.nd
 
 
 def train_fold(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n_classes: int,
-               recipe: KFoldRecipe, seed: int = 0, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+               recipe: Preset, seed: int = 0, progress: bool = False,
+               flip_tta: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Train one ViT (train.fit.fit_arrays) on (x_train, y_train); return (probabilities, class-token
-    embeddings) of x_test, averaged over the photo and its mirror image when `recipe.flip_tta`."""
+    embeddings) of x_test, averaged over the photo and its mirror image when `flip_tta`."""
     from train.fit import fit_arrays, predict_arrays
 
-    model = fit_arrays(x_train, y_train, preset=recipe.preset(), seed=seed, progress=progress,
-                       num_classes=n_classes)
+    model = fit_arrays(x_train, y_train, preset=recipe, seed=seed, progress=progress, num_classes=n_classes)
     probs, emb = predict_arrays(model, x_test)
-    if recipe.flip_tta:
+    if flip_tta:
         probs_f, emb_f = predict_arrays(model, np.ascontiguousarray(x_test[:, :, ::-1]))
         probs, emb = (probs + probs_f) / 2, (emb + emb_f) / 2
     return probs, emb
@@ -279,21 +251,21 @@ def visual_groups(emb: np.ndarray, labels: np.ndarray, group_size: int, seed: in
 
 
 def _cached_fit(path: Path, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n_classes: int,
-                recipe: KFoldRecipe, seed: int, progress: bool) -> tuple[np.ndarray, np.ndarray, bool]:
+                recipe: Preset, seed: int, progress: bool, flip_tta: bool) -> tuple[np.ndarray, np.ndarray, bool]:
     """train_fold, or its saved result at `path`; the result is saved atomically. Third value: reused."""
     from curate.io import atomic_path
 
     if path.exists():
         saved = np.load(path)
         return saved["probs"], saved["emb"], True
-    p, e = train_fold(x_train, y_train, x_test, n_classes, recipe, seed=seed)
+    p, e = train_fold(x_train, y_train, x_test, n_classes, recipe, seed=seed, flip_tta=flip_tta)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, probs=p, emb=e)
     return p, e, False
 
 
 def vit_kfold(run_dir: Path, data_root: Path, manifest: pd.DataFrame, classes: list[str], cfg,
-              progress: bool = False, recipe: KFoldRecipe | None = None, name: str = "vit") -> Representation:
+              progress: bool = False, recipe: Preset | None = None, name: str = "vit") -> Representation:
     """Out-of-fold probabilities and class-token embeddings of the own ViT, trained `cfg.folds` times.
 
     With `cfg.group_folds`, a first ViT is trained on every photo; its embeddings (one space for all
@@ -301,32 +273,33 @@ def vit_kfold(run_dir: Path, data_root: Path, manifest: pd.DataFrame, classes: l
     so a coherent off-class group (parade photos in roses/) is scored by models that saw none of it.
     Each model's predictions are saved atomically to `<run>/cache/<name>_*_<fingerprint>.npz`
     (fingerprint = files, labels, folds and recipe), so an interrupted run resumes at the first
-    unfinished fold.
+    unfinished fold. `recipe` defaults to train.presets.FLAG.
     """
-    recipe = recipe or KFoldRecipe()
+    recipe = recipe or FLAG
     filepaths = manifest["filepath"].astype(str).tolist()
     labels = manifest["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
-    images = load_images(run_dir, data_root, filepaths, recipe.image_size, progress)
+    images = load_images(run_dir, data_root, filepaths, recipe.model.image_size, progress)
     cache = Path(run_dir) / "cache"
-    base = _fingerprint(np.array(filepaths, dtype="U"), labels, recipe, cfg.seed)
+    base = _fingerprint(np.array(filepaths, dtype="U"), labels, recipe, cfg.flip_tta, cfg.seed)
     n_models = cfg.folds + int(cfg.group_folds)
     bar = _bar(n_models, f"{name} {cfg.folds}-fold", progress)
     common = None
     groups = None
     if cfg.group_folds:
         _, common, reused = _cached_fit(cache / f"{name}_all_{base}.npz", images, labels, images, len(classes),
-                                        recipe, cfg.seed + 100, progress)
+                                        recipe, cfg.seed + 100, progress, cfg.flip_tta)
         groups = visual_groups(common, labels, cfg.group_size, cfg.seed)
         bar(1)
     fold = fold_assignment(labels, cfg.folds, cfg.seed, groups)
     tag = _fingerprint(base, fold)
     probs = np.zeros((len(labels), len(classes)), np.float32)
-    emb = np.zeros((len(labels), recipe.hidden_dim), np.float32)
+    emb = np.zeros((len(labels), recipe.model.hidden_dim), np.float32)
     for k in range(cfg.folds):
         test = np.flatnonzero(fold == k)
         train_idx = np.flatnonzero(fold != k)
         p, e, reused = _cached_fit(cache / f"{name}_fold{k}of{cfg.folds}_{tag}.npz", images[train_idx],
-                                   labels[train_idx], images[test], len(classes), recipe, cfg.seed + k, progress)
+                                   labels[train_idx], images[test], len(classes), recipe, cfg.seed + k, progress,
+                                   cfg.flip_tta)
         probs[test], emb[test] = p, e
         if reused:
             log.info("%s fold %d/%d: reused its saved predictions", name, k + 1, cfg.folds)

@@ -40,6 +40,7 @@ from curate.io import (
     resolve_run_dir,
     run_lock,
 )
+from train.presets import Preset
 
 log = logging.getLogger("curate.labels")
 
@@ -65,7 +66,8 @@ class FlagConfig:
     image_size: int = 96  # decode size of the cheap features
     group_folds: bool = True  # K-fold ViT: keep visual clusters of a first all-data ViT within one fold
     group_size: int = 20  # photos per visual group for the grouped folds
-    vit: object | None = None  # a curate.embed.KFoldRecipe; None = its defaults (48 px, 12 epochs)
+    vit: Preset | None = None  # the K-fold ViT's recipe; None = train.presets.FLAG (48 px, 15 epochs)
+    flip_tta: bool = True  # average each K-fold model's predictions over the photo and its mirror image
     seed: int = 0
 
 

@@ -11,6 +11,9 @@ import pytest
 
 from curate import embed
 from curate.io import CurateError
+from train.presets import TINY
+
+TINY_VIT = TINY.with_epochs(1)  # the K-fold ViT at test size: seconds per fold
 
 
 def _manifest(root: Path) -> pd.DataFrame:
@@ -99,8 +102,7 @@ def test_vit_kfold_tiny_gives_out_of_fold_scores_and_resumes(small_dataset, tmp_
 
     df = _manifest(small_dataset)
     classes = sorted(df["label"].unique())
-    recipe = embed.KFoldRecipe(image_size=16, patch_size=8, num_layers=1, hidden_dim=8, num_heads=2, mlp_dim=16,
-                               epochs=1, batch_size=8)
+    recipe = TINY_VIT
     cfg = FlagConfig(folds=2, group_folds=False)
     run = tmp_path / "run"
     seen_train: list[set] = []
@@ -117,7 +119,7 @@ def test_vit_kfold_tiny_gives_out_of_fold_scores_and_resumes(small_dataset, tmp_
     assert len(seen_train) == 2
     assert rep.oof_probs.shape == (len(df), len(classes))
     np.testing.assert_allclose(rep.oof_probs.sum(1), 1, atol=1e-4)
-    assert rep.embeddings.shape == (len(df), 8) and np.isfinite(rep.embeddings).all()
+    assert rep.embeddings.shape == (len(df), TINY_VIT.model.hidden_dim) and np.isfinite(rep.embeddings).all()
     assert sorted(set(rep.space)) == [0, 1]
     assert len(list((run / "cache").glob("vit_fold*of2_*.npz"))) == 2
 
@@ -134,11 +136,10 @@ def test_vit_kfold_grouped_keeps_each_visual_group_in_one_fold(small_dataset, tm
 
     df = _manifest(small_dataset)
     classes = sorted(df["label"].unique())
-    recipe = embed.KFoldRecipe(image_size=16, patch_size=8, num_layers=1, hidden_dim=8, num_heads=2, mlp_dim=16,
-                               epochs=1, batch_size=8)
+    recipe = TINY_VIT
     rep = embed.vit_kfold(tmp_path / "run", small_dataset, df, classes, FlagConfig(folds=2, group_size=3),
                           recipe=recipe)
-    assert rep.common.shape == (len(df), 8) and rep.groups is not None
+    assert rep.common.shape == (len(df), TINY_VIT.model.hidden_dim) and rep.groups is not None
     for g in np.unique(rep.groups):
         assert len(set(rep.space[rep.groups == g])) == 1
     assert len(list((tmp_path / "run" / "cache").glob("vit_*.npz"))) == 3  # the all-data model + 2 folds

@@ -12,6 +12,9 @@ import pytest
 
 from curate import labels as L
 from curate.io import CurateError, read_manifest
+from train.presets import TINY
+
+TINY_VIT = TINY.with_epochs(1)  # the K-fold ViT at test size: seconds per fold
 
 
 def _blobs(rng: np.random.Generator, centre: np.ndarray, n: int, spread: float = 0.05) -> np.ndarray:
@@ -139,12 +142,8 @@ def test_flag_usage_errors(small_dataset, tmp_path):
 
 
 def test_flag_with_a_tiny_kfold_vit_writes_its_out_of_fold_outputs(small_dataset, tmp_path):
-    from curate.embed import KFoldRecipe
-
     run = _scanned_run(small_dataset, tmp_path / "run")
-    tiny = KFoldRecipe(image_size=16, patch_size=8, num_layers=1, hidden_dim=8, num_heads=2, mlp_dim=16,
-                       epochs=1, batch_size=8)
-    L.flag(run, folds=2, embeddings="vit", progress=False, config=L.FlagConfig(vit=tiny, group_size=3))
+    L.flag(run, folds=2, embeddings="vit", progress=False, config=L.FlagConfig(vit=TINY_VIT, group_size=3))
     df = read_manifest(run / "manifest.csv")
     for col in ["q_cleanlab", "q_knn", "q_cluster", "q_confidence", "q_features", "pred_vit"]:
         assert df[col].notna().all(), col
@@ -153,4 +152,4 @@ def test_flag_with_a_tiny_kfold_vit_writes_its_out_of_fold_outputs(small_dataset
     assert oof.shape == (len(df), 5)
     np.testing.assert_allclose(oof.sum(1), 1, atol=1e-4)
     assert (df["pred_vit"] == np.array(sorted(set(df["label"])))[oof.argmax(1)]).all()
-    assert np.load(run / "embeddings.npy").shape == (len(df), 8)
+    assert np.load(run / "embeddings.npy").shape == (len(df), TINY_VIT.model.hidden_dim)
