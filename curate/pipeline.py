@@ -24,20 +24,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from curate.io import CurateError, atomic_write_json, default_run_dir, read_json
+from curate.io import CurateError, atomic_write_json, default_run_dir, read_json, sha256_of
 
 log = logging.getLogger("curate.pipeline")
 
 STATE_FILE = "pipeline.json"
 STAGES = ("fetch", "scan", "flag", "export", "compare", "report")
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def data_fingerprint(data: Path) -> str:

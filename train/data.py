@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from curate.io import CurateError, atomic_save_npy, safe_relpath
+from curate.io import CurateError, atomic_save_npy, safe_relpath, sha256_of
 
 log = logging.getLogger("curate.train")
 
@@ -126,16 +126,8 @@ def decode_image(path: str | os.PathLike, size: int) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8)
 
 
-def _sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _load_one(path: Path, sha: str | None, size: int, cache: Path) -> np.ndarray:
-    sha = sha or _sha256_of(path)
+    sha = sha or sha256_of(path)
     cached = cache / str(size) / sha[:2] / f"{sha}.npy"
     if cached.exists():
         try:
