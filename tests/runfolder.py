@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from devtools import chromium_page, console_errors
 from PIL import Image
 
 MANIFEST_COLUMNS = ["filepath", "label", "bytes", "sha256", "format", "width", "height", "mode", "phash", "dhash",
@@ -87,107 +88,15 @@ def add_flag_columns(manifest: pd.DataFrame, suggestions: dict[str, str] | None 
     return m
 
 
-def open_in_chromium(path: Path, timeout: float = 60.0) -> tuple[list[tuple[str, bool]], list[str]]:
-    """Load `path` in headless Debian chromium; return (images as (src prefix, loaded?), console errors).
-
-    Talks the DevTools protocol over --remote-debugging-pipe (fds 3 and 4, NUL-separated JSON), so no
-    websocket library or port is needed. Errors are uncaught exceptions, console.error calls and
-    browser log entries of level error (e.g. an image that failed to load).
-    """
-    import fcntl
-    import os
-    import select
-    import shutil
-    import subprocess
-    import tempfile
-    import time
-
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        raise AssertionError("chromium is not installed (scripts/test.sh installs Debian's chromium)")
-    to_chrome_r, to_chrome_w = os.pipe()
-    from_chrome_r, from_chrome_w = os.pipe()
-
-    def child_fds() -> None:  # runs in the child: put the pipe ends on fds 3 and 4
-        a = fcntl.fcntl(to_chrome_r, fcntl.F_DUPFD, 10)
-        b = fcntl.fcntl(from_chrome_w, fcntl.F_DUPFD, 10)
-        os.dup2(a, 3)
-        os.dup2(b, 4)
-
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    proc = subprocess.Popen(
-        [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--remote-debugging-pipe", f"--user-data-dir={profile}",
-         "about:blank"],
-        preexec_fn=child_fds, close_fds=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    os.close(to_chrome_r)
-    os.close(from_chrome_w)
-    buf, messages, next_id = b"", [], [0]
-    deadline = time.monotonic() + timeout
-
-    def send(method: str, params: dict | None = None, session: str | None = None) -> int:
-        next_id[0] += 1
-        msg = {"id": next_id[0], "method": method, "params": params or {}}
-        if session:
-            msg["sessionId"] = session
-        os.write(to_chrome_w, json.dumps(msg).encode() + b"\0")
-        return next_id[0]
-
-    def wait_for(pred) -> dict:
-        nonlocal buf
-        while time.monotonic() < deadline:
-            while b"\0" in buf:
-                raw, buf = buf.split(b"\0", 1)
-                msg = json.loads(raw)
-                messages.append(msg)
-                if pred(msg):
-                    return msg
-            ready, _, _ = select.select([from_chrome_r], [], [], 0.5)
-            if ready:
-                chunk = os.read(from_chrome_r, 1 << 20)
-                if not chunk:
-                    raise AssertionError("chromium closed the DevTools pipe")
-                buf += chunk
-        raise AssertionError(f"chromium: no answer within {timeout} s")
-
-    def call(method: str, params: dict | None = None, session: str | None = None) -> dict:
-        i = send(method, params, session)
-        reply = wait_for(lambda m: m.get("id") == i)
-        assert "error" not in reply, reply
-        return reply["result"]
-
-    try:
-        target = call("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+def open_in_chromium(path: Path) -> tuple[list[tuple[str, bool]], list[str]]:
+    """Load `path` in headless Debian chromium; return (images as (src prefix, loaded?), console errors)."""
+    with chromium_page() as page:
         for method in ("Runtime.enable", "Log.enable", "Page.enable"):
-            call(method, session=session)
-        send("Page.navigate", {"url": path.resolve().as_uri()}, session=session)
-        wait_for(lambda m: m.get("method") == "Page.loadEventFired")
+            page.call(method)
+        page.call("Page.navigate", {"url": path.resolve().as_uri()})
+        page.wait_for(lambda m: m.get("method") == "Page.loadEventFired")
         expr = ("JSON.stringify(Array.from(document.images).map(i => "
                 "[i.getAttribute('src').slice(0, 40), i.complete && i.naturalWidth > 0]))")
-        value = call("Runtime.evaluate", {"expression": expr, "returnByValue": True}, session=session)
+        value = page.call("Runtime.evaluate", {"expression": expr, "returnByValue": True})
         images = [tuple(x) for x in json.loads(value["result"]["value"])]
-        try:
-            call("Browser.close")
-        except AssertionError:
-            pass
-    finally:
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        os.close(to_chrome_w)
-        os.close(from_chrome_r)
-        shutil.rmtree(profile, ignore_errors=True)
-    errors = []
-    for m in messages:
-        p = m.get("params", {})
-        if m.get("method") == "Runtime.exceptionThrown":
-            d = p["exceptionDetails"]
-            errors.append(d.get("exception", {}).get("description") or d.get("text", "exception"))
-        elif m.get("method") == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-            errors.append(" ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", [])))
-        elif m.get("method") == "Log.entryAdded" and p["entry"]["level"] == "error":
-            errors.append(f"{p['entry']['text']} {p['entry'].get('url', '')}")
-    return images, errors
+        return images, console_errors(page.events)

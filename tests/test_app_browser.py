@@ -13,8 +13,6 @@ import base64
 import json
 import os
 import re
-import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,19 +23,11 @@ import numpy as np
 import psutil
 import pytest
 import requests
+from devtools import chromium_page
 from PIL import Image
 from test_fiftyone import free_port, private_mongo, write_small_run  # noqa: F401 -- private_mongo is a fixture
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--window-size=1400,900"]
-
-
-def chromium_binary() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        pytest.fail("Debian's chromium is missing: `apt-get install -y chromium` (scripts/test.sh installs it)")
-    return exe
 
 
 # The page is "ready" when the grid shows a tile per sample (at most a screenful) and every tile's
@@ -47,72 +37,32 @@ GRID_STATE_JS = """JSON.stringify(Array.from(document.querySelectorAll('[data-cy
     (t.querySelector('[data-cy="tag-ground_truth"]') || {}).textContent || ""]))"""
 
 
-def chromium_page(url: str, profile: Path, ready, timeout: float, screenshot: Path | None = None,
-                  before_screenshot_js: str | None = None) -> tuple[list, str]:
+def grid_of(url: str, profile: Path, ready, timeout: float, screenshot: Path | None = None,
+            before_screenshot_js: str | None = None) -> tuple[list, str]:
     """Open `url` in headless Chromium, poll GRID_STATE_JS until `ready(state)` or `timeout`; return (state, DOM).
 
-    Talks the DevTools protocol over --remote-debugging-pipe (NUL-separated JSON on fds 3 and 4),
-    so it waits in real time for what the page shows, with no websocket library or extra port.
-    Chromium runs in its own process group, killed whole at the end.
+    It waits in real time for what the page shows, polling once a second.
     """
-    to_chrome_r, to_chrome_w = os.pipe()
-    from_chrome_r, from_chrome_w = os.pipe()
-    # bash puts the pipe ends on fds 3 and 4, where --remote-debugging-pipe expects them
-    cmd = ["bash", "-c", f'exec "$0" "$@" 3<&{to_chrome_r} 4>&{from_chrome_w}', chromium_binary(), *CHROMIUM_FLAGS,
-           f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank"]
-    proc = subprocess.Popen(cmd, pass_fds=(to_chrome_r, from_chrome_w), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    os.close(to_chrome_r)
-    os.close(from_chrome_w)
     deadline = time.monotonic() + timeout
-    buf, next_id = b"", 0
-
-    def call(method: str, params: dict | None = None, session: str | None = None) -> dict:
-        nonlocal buf, next_id
-        next_id += 1
-        msg = {"id": next_id, "method": method, "params": params or {}, **({"sessionId": session} if session else {})}
-        os.write(to_chrome_w, json.dumps(msg).encode() + b"\0")
-        answer_by = time.monotonic() + 60
-        while time.monotonic() < answer_by:
-            while b"\0" in buf:
-                raw, buf = buf.split(b"\0", 1)
-                reply = json.loads(raw)
-                if reply.get("id") == next_id:
-                    assert "error" not in reply, reply
-                    return reply["result"]
-            if select.select([from_chrome_r], [], [], 0.5)[0]:
-                chunk = os.read(from_chrome_r, 1 << 22)
-                assert chunk, "chromium closed the DevTools pipe"
-                buf += chunk
-        raise TimeoutError(f"chromium: no answer to {method} within 60 s")
-
-    try:
-        target = call("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        call("Page.enable", session=session)
-        call("Page.navigate", {"url": url}, session=session)
+    with chromium_page(profile) as page:
+        page.call("Page.enable")
+        page.call("Page.navigate", {"url": url})
         state: list = []
         while time.monotonic() < deadline:
-            value = call("Runtime.evaluate", {"expression": GRID_STATE_JS, "returnByValue": True}, session=session)
+            value = page.call("Runtime.evaluate", {"expression": GRID_STATE_JS, "returnByValue": True})
             state = json.loads(value["result"].get("value") or "[]")
             if ready(state):
                 break
             time.sleep(1)
         if before_screenshot_js:
-            call("Runtime.evaluate", {"expression": before_screenshot_js}, session=session)
+            page.call("Runtime.evaluate", {"expression": before_screenshot_js})
         time.sleep(1)  # let the last tiles paint before the screenshot
         if screenshot is not None:
-            png = call("Page.captureScreenshot", {"format": "png"}, session=session)["data"]
+            png = page.call("Page.captureScreenshot", {"format": "png"})["data"]
             screenshot.write_bytes(base64.b64decode(png))
-        dom = call("Runtime.evaluate", {"expression": "document.documentElement.outerHTML", "returnByValue": True},
-                   session=session)["result"]["value"]
+        dom = page.call("Runtime.evaluate", {"expression": "document.documentElement.outerHTML",
+                                             "returnByValue": True})["result"]["value"]
         return state, dom
-    finally:
-        os.close(to_chrome_w)
-        os.close(from_chrome_r)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 @pytest.fixture
@@ -172,7 +122,7 @@ def test_app_shows_off_class_candidates_worst_first_in_chromium(app_server, tmp_
 
     expected = manifest[manifest["flags"].str.contains("off_class|outlier")].sort_values("label_quality")
     shot = tmp_path / "app_off_class_candidates.png"
-    state, dom = chromium_page(url, tmp_path / "profile", timeout=240, screenshot=shot,
+    state, dom = grid_of(url, tmp_path / "profile", timeout=240, screenshot=shot,
                                ready=lambda tiles: len(tiles) == len(expected) and all(d for d, _ in tiles))
     assert len(state) == len(expected) and all(drawn for drawn, _ in state), f"grid never drew its photos: {state}"
     assert [label for _, label in state] == expected["label"].tolist()  # worst (lowest label_quality) first
