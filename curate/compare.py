@@ -3,7 +3,7 @@
 Both trainings use the same preset and the same seeds, and are scored on the same photos: the
 raw manifest's test split minus every photo the cleaning removed or relabelled, so each test
 label is one the cleaning did not dispute (the "verified" test photos). The raw and cleaned
-training manifests get one shared split (the raw manifest's, see `curate.export.assign_splits`);
+training manifests get one shared split (the raw manifest's, see `curate.export.raw_split`);
 test photos outside the verified set are marked `excluded`, which the trainer neither trains nor
 evaluates on.
 
@@ -37,9 +37,9 @@ def _shared_split(raw: pd.DataFrame, clean: pd.DataFrame) -> pd.Series:
     """The raw manifest's split (its own column if complete, else the export's assignment)."""
     if "split" in raw.columns and raw["split"].fillna("").astype(str).str.strip().ne("").all():
         return raw["split"].astype(str).str.strip()
-    from curate.export import assign_splits
+    from curate.export import raw_split
 
-    split = assign_splits(raw)
+    split = raw_split(raw)
     if "split" in clean.columns:
         theirs = clean.set_index("filepath")["split"]
         mine = pd.Series(split.to_numpy(), index=raw["filepath"])

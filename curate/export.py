@@ -6,7 +6,7 @@ their docstrings are what `curate export --policy list` prints. After the policy
 from the FiftyOne App (`reject`, `keep`, `relabel:<class>`) override its decision per photo.
 
 cleaned.csv has `filepath,label,split` (plus any manifest columns asked for); `split` is the
-deterministic stratified split of the whole raw manifest (see `assign_splits`), so the raw and
+deterministic stratified split of the whole raw manifest (see `raw_split`), so the raw and
 the cleaned trainings share their test photos. removed.csv has `filepath,label,reason` (plus
 `split`), one reason per photo: the first rule that removed it.
 """
@@ -241,31 +241,12 @@ def suggested_probability(run_dir: Path, manifest: pd.DataFrame) -> pd.Series:
     return pd.Series(values, index=manifest.index)
 
 
-def assign_splits(manifest: pd.DataFrame, fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
-                  seed: int = DEFAULT_SPLIT_SEED) -> pd.Series:
-    """A deterministic stratified train/val/test split of `manifest` (80/10/10 by default).
+def raw_split(manifest: pd.DataFrame) -> pd.Series:
+    """The split of the whole raw manifest that cleaned.csv and `curate compare` share: train.data's
+    stratified 80/10/10 assignment, duplicate groups kept together."""
+    from train.data import assign_splits
 
-    Duplicate groups (`dup_group`) go to one split together, so a photo's copy never sits in
-    train while the photo is tested. Within each label, groups are ordered by a seeded hash of
-    their key, so the split depends only on the manifest's content and the seed, not on row order.
-    """
-    from hashlib import blake2b
-
-    groups = manifest.get("dup_group", pd.Series("", index=manifest.index)).fillna("").astype(str)
-    key = np.where(groups != "", "group:" + groups, "file:" + manifest["filepath"].astype(str))
-    frame = pd.DataFrame({"key": key, "label": manifest["label"].astype(str)}, index=manifest.index)
-    # A group is stratified under its alphabetically first label, whatever the row order.
-    first = frame.sort_values(["key", "label"]).drop_duplicates("key")
-    split_of_key: dict[str, str] = {}
-    _, val_frac, test_frac = fractions
-    for _, keys in first.groupby("label")["key"]:
-        ranked = sorted(keys, key=lambda k: blake2b(f"{seed}:{k}".encode(), digest_size=8).hexdigest())
-        n = len(ranked)
-        n_test = int(round(n * test_frac)) if n >= 3 else 0
-        n_val = int(round(n * val_frac)) if n >= 3 else 0
-        for i, k in enumerate(ranked):
-            split_of_key[k] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
-    return pd.Series([split_of_key[k] for k in key], index=manifest.index, name="split")
+    return assign_splits(manifest, seed=DEFAULT_SPLIT_SEED, fractions=DEFAULT_SPLIT_FRACTIONS)["split"]
 
 
 def read_review_tags(run_dir: Path) -> pd.DataFrame:
@@ -359,7 +340,7 @@ def build_cleaned(tables: RunTables, policy: str = "default", tags: pd.DataFrame
         raise CurateError(f"column(s) {', '.join(missing)} not in the manifest; available: {', '.join(m.columns)}")
     decisions = POLICIES[policy](tables)
     decisions = apply_review_tags(decisions, m, tags if tags is not None else pd.DataFrame())
-    split = m["split"] if "split" in m.columns and m["split"].notna().all() else assign_splits(m)
+    split = m["split"] if "split" in m.columns and m["split"].notna().all() else raw_split(m)
 
     kept = decisions["action"] != "drop"
     relabel = decisions["action"] == "relabel"

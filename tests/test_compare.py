@@ -12,7 +12,7 @@ from runfolder import add_flag, add_flag_columns, manifest_of, write_run
 
 from curate import cli
 from curate.compare import compare, paired_difference, training_manifests
-from curate.export import assign_splits, export
+from curate.export import export, raw_split
 from curate.io import CurateError, read_manifest
 
 
@@ -23,7 +23,7 @@ def cleaned_run(small_dataset: Path, tmp_path: Path) -> Path:
     m = add_flag_columns(m)
     run = write_run(tmp_path / "reports" / "flowers", small_dataset, m)
     raw = read_manifest(run / "manifest.csv")
-    test_files = raw.loc[assign_splits(raw) == "test", "filepath"].tolist()
+    test_files = raw.loc[raw_split(raw) == "test", "filepath"].tolist()
     for fp in test_files[:2]:
         add_flag(m, fp, "off_class")
     write_run(run, small_dataset, m)

@@ -15,8 +15,9 @@ from runfolder import add_flag, add_flag_columns, manifest_of, write_run
 from test_fiftyone import private_mongo  # noqa: F401 -- a private MongoDB for the review-tag test
 
 from curate import cli
-from curate.export import POLICIES, assign_splits, build_cleaned, export, load_tables
+from curate.export import POLICIES, build_cleaned, export, load_tables, raw_split
 from curate.io import CurateError, data_root_of, read_manifest
+from train.data import assign_splits
 
 
 @pytest.fixture
@@ -92,21 +93,21 @@ def test_cleaned_split_is_stratified_and_shared_with_removed(messy_run):
         assert (rows["split"] == "train").sum() >= 3, label
     # the split is the raw manifest's, so removed photos carry theirs too
     tables = load_tables(run)
-    raw_split = dict(zip(tables.manifest["filepath"], assign_splits(tables.manifest), strict=True))
+    split_of = dict(zip(tables.manifest["filepath"], raw_split(tables.manifest), strict=True))
     for df in (cleaned, removed):
-        assert df["split"].tolist() == [raw_split[f] for f in df["filepath"]]
+        assert df["split"].tolist() == [split_of[f] for f in df["filepath"]]
 
 
 def test_assign_splits_is_deterministic_keeps_groups_together_and_ignores_row_order(messy_run):
     run, _ = messy_run
     m = load_tables(run).manifest
-    first = assign_splits(m, fractions=(0.5, 0.25, 0.25))
+    first = assign_splits(m, fractions=(0.5, 0.25, 0.25))["split"]
     shuffled = m.sample(frac=1.0, random_state=3)
-    again = assign_splits(shuffled, fractions=(0.5, 0.25, 0.25))
+    again = assign_splits(shuffled, fractions=(0.5, 0.25, 0.25))["split"]
     assert again.reindex(m.index).tolist() == first.tolist()
     for _, members in first.groupby(m["dup_group"].where(m["dup_group"] != "")):
         assert members.nunique() == 1
-    assert assign_splits(m, seed=1).tolist() != assign_splits(m, seed=2).tolist()
+    assert assign_splits(m, seed=1)["split"].tolist() != assign_splits(m, seed=2)["split"].tolist()
 
 
 def test_relabel_policy_moves_only_confident_suggestions(messy_run):

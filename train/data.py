@@ -7,7 +7,8 @@ feeds plain numpy arrays to `model.fit` -- no per-image Python work in the hot l
 
 Public API (also used by curate's K-fold scoring):
     check_manifest(df, data_root) -> df            raise CurateError on unusable input
-    assign_splits(df, seed=0) -> df                stratified 80/10/10 `split` column, existing kept
+    assign_splits(df, seed=0) -> df                stratified 80/10/10 `split` column, existing kept,
+                                                   duplicate groups together
     stratified_sample(df, n, seed=0) -> df
     load_images(df, data_root, size, progress) -> (uint8 array (N, size, size, 3), ok mask (N,))
     decode_image(path, size) -> uint8 array (size, size, 3)
@@ -75,31 +76,41 @@ def usable_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df[split.isin(("",) + SPLITS)].assign(split=split).reset_index(drop=True)
 
 
-def _rank_key(seed: int, filepath: str) -> str:
-    # Per-file hash order: the same photo tends to land in the same split in every manifest that holds
+def _rank_key(seed: int, key: str) -> str:
+    # Per-key hash order: the same photo tends to land in the same split in every manifest that holds
     # it (raw vs cleaned), unlike a global shuffle whose order depends on every other row.
-    return hashlib.sha1(f"{seed}:{filepath}".encode()).hexdigest()
+    return hashlib.sha1(f"{seed}:{key}".encode()).hexdigest()
 
 
 def assign_splits(df: pd.DataFrame, seed: int = 0, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> pd.DataFrame:
     """A copy of `df` with a deterministic, per-class stratified `split` column (train/val/test).
 
-    Rows that already have a split keep it; only empty ones are assigned. Each class with at least 3 new rows
-    gets at least one val and one test row; with 2, one train and one test.
+    Rows that already have a split keep it; only empty ones are assigned. Duplicate groups (`dup_group`,
+    when the manifest has it) go to one split together, so a photo's copy is never trained on while the
+    photo is tested. Within each class, keys (a group, or a file) are ordered by a seeded hash of the key,
+    so the split depends only on the rows' content and the seed, not on row order, and a photo tends to
+    keep its split when other rows are removed (raw vs cleaned). Each class with at least 3 new keys gets
+    at least one val and one test key; with 2, one train and one test.
     """
     out = df.copy()
     if "split" not in out.columns:
         out["split"] = ""
     out["split"] = out["split"].fillna("").astype(str).str.strip()
     todo = out[out["split"] == ""]
+    groups = todo["dup_group"].fillna("").astype(str) if "dup_group" in todo.columns else pd.Series("", todo.index)
+    key = np.where(groups != "", "group:" + groups, "file:" + todo["filepath"].astype(str))
+    # A group is stratified under its alphabetically first label, whatever the row order.
+    first = pd.DataFrame({"key": key, "label": todo["label"].astype(str)}).sort_values(["key", "label"])
+    split_of_key: dict[str, str] = {}
     _, f_val, f_test = fractions
-    for _, group in todo.groupby("label", sort=True):
-        order = sorted(group.index, key=lambda i: _rank_key(seed, str(out.at[i, "filepath"])))
-        n = len(order)
+    for _, keys in first.drop_duplicates("key").groupby("label", sort=True)["key"]:
+        ranked = sorted(keys, key=lambda k: _rank_key(seed, k))
+        n = len(ranked)
         n_test = max(1, round(f_test * n)) if n >= 2 else 0
         n_val = max(1, round(f_val * n)) if n >= 3 else 0
-        for k, i in enumerate(order):
-            out.at[i, "split"] = "test" if k < n_test else "val" if k < n_test + n_val else "train"
+        for k, name in enumerate(ranked):
+            split_of_key[name] = "test" if k < n_test else "val" if k < n_test + n_val else "train"
+    out.loc[todo.index, "split"] = [split_of_key[k] for k in key]
     return out
 
 
