@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="cpu", choices=["seed", "cpu", "gpu", "tiny"],
                    help="trainer recipe for compare (default: cpu)")
     p.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds per manifest for compare (default: 3)")
+    p.add_argument("--epochs", type=int, metavar="N", help="override the compare preset's epochs")
     p.add_argument("--skip-compare", action="store_true", help="do not retrain (no before/after accuracy)")
     _add_common(p)
     return parser
@@ -204,7 +205,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from curate.pipeline import run
 
         run(args.data, source=args.source, out=args.out, fast=args.fast, preset=args.preset,
-            seeds=args.seeds, compare=not args.skip_compare, progress=progress)
+            seeds=args.seeds, compare=not args.skip_compare, progress=progress, epochs=args.epochs)
     return 0
 
 

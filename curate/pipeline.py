@@ -113,8 +113,10 @@ def _pipeline_lock(run_dir: Path) -> Iterator[None]:
 
 def run(data: str | os.PathLike = "flower_photos", source: str | os.PathLike | None = None,
         out: str | os.PathLike | None = None, fast: bool = False, preset: str = "cpu", seeds: int = 3,
-        compare: bool = True, progress: bool = True, policy: str = "default") -> Path:
+        compare: bool = True, progress: bool = True, policy: str = "default", epochs: int | None = None) -> Path:
     """Fetch (if DATA is missing), scan, flag, export, compare (unless `compare=False`) and report.
+
+    `epochs` overrides the compare preset's number of epochs (None: the preset's own).
 
     Returns the report's path (`<run>/index.html`).
     """
@@ -127,7 +129,7 @@ def run(data: str | os.PathLike = "flower_photos", source: str | os.PathLike | N
     started = time.monotonic()
     with _pipeline_lock(run_dir):
         state = PipelineState(run_dir)
-        stages = _stages(data, source, run_dir, fast, preset, seeds, compare, progress, policy)
+        stages = _stages(data, source, run_dir, fast, preset, seeds, compare, progress, policy, epochs)
         total = len(stages)
         for i, stage in enumerate(stages, 1):
             if stage.name == "fetch":
@@ -173,7 +175,7 @@ def _provided(state: dict, stage: str) -> dict | None:
 
 
 def _stages(data: Path, source, run_dir: Path, fast: bool, preset: str, seeds: int, do_compare: bool,
-            progress: bool, policy: str) -> list[Stage]:
+            progress: bool, policy: str, epochs: int | None = None) -> list[Stage]:
     def scan_run() -> None:
         from curate.scan import scan
 
@@ -193,7 +195,7 @@ def _stages(data: Path, source, run_dir: Path, fast: bool, preset: str, seeds: i
         from curate.compare import compare
 
         compare(run_dir / "manifest.csv", run_dir / "cleaned.csv", data=data, run=run_dir, preset=preset,
-                seeds=seeds, progress=progress)
+                seeds=seeds, epochs=epochs, progress=progress)
 
     def report_run() -> None:
         from curate.report import report
@@ -213,8 +215,9 @@ def _stages(data: Path, source, run_dir: Path, fast: bool, preset: str, seeds: i
     ]
     if do_compare:
         stages.append(Stage("compare", lambda d: [d / "compare.json"],
-                            lambda s: _key("compare", preset, seeds, _provided(s, "export"),
-                                           _provided(s, "flag")), compare_run))
+                            # epochs joins the key only when set, so runs with the preset's own keep their key
+                            lambda s: _key("compare", preset, seeds, *([epochs] if epochs else []),
+                                           _provided(s, "export"), _provided(s, "flag")), compare_run))
     stages.append(Stage("report", lambda d: [d / "index.html", d / "report.md", d / "metrics.json"],
                         lambda s: _key("report", {k: _provided(s, k) for k in s if k != "report"}),
                         report_run))

@@ -57,6 +57,14 @@ def test_run_fetches_scans_flags_exports_compares_reports_then_skips_what_is_up_
     assert {s: third[s] for s in ("scan", "flag", "compare", "report")} == {s: "skipped" for s in
                                                                              ("scan", "flag", "compare", "report")}
 
+    # --epochs reaches compare: it retrains (and so reports again) with the preset's epochs overridden
+    assert cli.main([*args, "--epochs", "1"]) == 0
+    fourth = _stage_lines(capsys.readouterr().err)
+    assert fourth["compare"] == "ran" and fourth["report"] == "ran" and fourth["flag"] == "skipped"
+    assert json.loads((run_dir / "compare.json").read_text())["epochs"] == 1
+    log = (run_dir / "train_raw" / "seed0" / "log.csv").read_text().strip().splitlines()
+    assert len(log) == 2  # the header and one epoch
+
 
 def test_run_without_a_dataset_or_source_is_a_usage_error(tmp_path, capsys):
     assert cli.main(["run", str(tmp_path / "nothing_here"), "--fast", "--skip-compare"]) == 2
