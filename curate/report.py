@@ -359,6 +359,23 @@ def _fmt_ci(ci: list[float] | None) -> str:
     return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "n/a (one seed)"
 
 
+def compare_verdict(compare: dict) -> str:
+    """One sentence on what cleaning bought: helped, cost accuracy, or no clear difference, judged by the
+    95% interval over seeds (over test photos when there is one seed)."""
+    d = compare["difference"]
+    ci = d.get("ci95_seeds") or d.get("ci95_bootstrap")
+    points = abs(d["mean"]) * 100
+    if not ci or ci[0] <= 0 <= ci[1]:
+        return (f"No clear difference ({d['mean'] * 100:+.1f} points; the 95% interval includes zero): this cleaning "
+                "neither helped nor hurt measurably.")
+    if ci[0] > 0:
+        return f"Cleaning helped: +{points:.1f} points of accuracy, the whole 95% interval above zero."
+    return (f"Cleaning cost {points:.1f} points of accuracy (the whole 95% interval below zero): the policy removed "
+            "photos the model learned from. Treat the off-class candidates as a review list -- tag them reject or "
+            "keep in the App (`curate app`) before exporting -- or export with a gentler policy "
+            "(`curate export --policy list`).")
+
+
 def section_summary(art: RunArtifacts, metrics: dict) -> str:
     cards = [(f"{metrics['photos']:,}", "photos"), (str(len(metrics["classes"])), "classes"),
              (f"{metrics['photos_flagged']:,}", "photos with an issue")]
@@ -575,6 +592,7 @@ def section_training(art: RunArtifacts) -> str:
         f"<tr><th>cleaned − raw</th><th class='n'>{d['mean']:+.3f}</th>"
         f"<th>95% CI over seeds {_fmt_ci(d['ci95_seeds'])};"
         f" bootstrap over test photos {_fmt_ci(d['ci95_bootstrap'])}</th></tr></table>"
+        f"<p><b>{html.escape(compare_verdict(c))}</b></p>"
         f'<div class="charts"><img src="{acc}" alt="accuracy before and after cleaning">'
         f"<table><tr><th>class</th><th>F1 raw</th><th>F1 cleaned</th><th>Δ</th></tr>{f1}</table>"
         f"<table><tr><th>run</th><th>seed</th><th>accuracy</th><th>macro-F1</th><th>s</th></tr>{runs}</table></div>"
@@ -668,7 +686,8 @@ def render_markdown(art: RunArtifacts, metrics: dict) -> str:
                   f"| cleaned | {_fmt_stat(c['clean']['accuracy'])} | {_fmt_stat(c['clean']['macro_f1'])} | "
                   f"{', '.join(f'{a:.3f}' for a in c['clean']['accuracy']['per_seed'])} |", "",
                   f"Cleaned − raw: {d['mean']:+.3f} (95% CI over seeds {_fmt_ci(d['ci95_seeds'])}, bootstrap over "
-                  f"test photos {_fmt_ci(d['ci95_bootstrap'])}).", "", "| class | F1 raw | F1 cleaned |",
+                  f"test photos {_fmt_ci(d['ci95_bootstrap'])}).", "", f"**{compare_verdict(c)}**", "",
+                  "| class | F1 raw | F1 cleaned |",
                   "|---|---:|---:|"]
         lines += [f"| {k} | {c['raw']['per_class_f1'][k]:.3f} | {c['clean']['per_class_f1'][k]:.3f} |"
                   for k in c["classes"]]

@@ -13,7 +13,7 @@ from curate import cli
 from curate.compare import _fingerprint, compare, training_manifests
 from curate.export import export
 from curate.io import data_root_of, read_manifest
-from curate.report import report
+from curate.report import compare_verdict, report
 
 
 def _scanned_run(data: Path, run_dir: Path, flagged: bool) -> tuple[Path, str]:
@@ -111,7 +111,20 @@ def test_report_of_a_full_run_shows_every_stage_with_the_same_numbers(full_run):
     assert f"{compare_json['raw']['accuracy']['mean']:.3f}" in md
     assert f"{compare_json['clean']['accuracy']['mean']:.3f}" in md
     assert "| off_class | 1 |" in md
+    assert compare_verdict(compare_json) in md
     _assert_clean_page(page, min_images=15)
+
+
+@pytest.mark.parametrize("seeds_ci, bootstrap_ci, starts", [
+    ([-0.057, -0.013], [-0.065, -0.007], "Cleaning cost 3.5 points"),
+    ([0.01, 0.06], [0.002, 0.07], "Cleaning helped: +3.5 points"),
+    ([-0.02, 0.09], [-0.01, 0.08], "No clear difference (+3.5 points"),
+    (None, [0.01, 0.06], "Cleaning helped"),  # one seed: the bootstrap interval decides
+])
+def test_compare_verdict_follows_the_confidence_interval(seeds_ci, bootstrap_ci, starts):
+    mean = -0.035 if starts.startswith("Cleaning cost") else 0.035
+    verdict = compare_verdict({"difference": {"mean": mean, "ci95_seeds": seeds_ci, "ci95_bootstrap": bootstrap_ci}})
+    assert verdict.startswith(starts), verdict
 
 
 def test_chromium_check_catches_a_missing_sheet(full_run):
