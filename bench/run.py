@@ -265,12 +265,16 @@ def bench_train(args, ctx: dict) -> Step:
 
 KNOWN_SCRIPTS = {"scan_bench.py", "dup_bench.py", "merge_bench.py", "dask_bench.py", "flag_eval.py",
                  "fiftyone_bench.py", "train_bench.py", "run.py", "__main__.py", "__init__.py"}
+# scripts this suite leaves to a person, and why
+BY_HAND = {"flag_ablation.py": "needs a full `curate flag` run folder (K-fold ViT, ~17 min): "
+                               "bench/flag_ablation.py RUN_DIR"}
 
 
 def bench_others(args, ctx: dict) -> Step:
     step = Step("others")
     for script in sorted(p.name for p in BENCH.glob("*.py") if p.name not in KNOWN_SCRIPTS):
-        step.add(f"bench/{script}", "not run by this suite", "", "new script: add it to bench/run.py")
+        step.add(f"bench/{script}", "run by hand" if script in BY_HAND else "not run by this suite", "",
+                 BY_HAND.get(script, "new script: add it to bench/run.py"))
     for pkg in ("cleanvision", "imagededup"):
         step.add(pkg, "installed, no comparison script yet" if importlib.util.find_spec(pkg) else "not installed",
                  "", "optional comparison")
