@@ -127,13 +127,11 @@ GPU = Preset(
 )
 
 # `curate flag` trains K of these (one per fold, plus one on all photos for the grouped folds), so each
-# must be small: 48 px, a conv stem to 6x6 tokens, 4x96 encoder, 15 epochs.
-FLAG = Preset(
-    name="flag",
-    model=ViTConfig(image_size=48, patch_size=8, num_layers=4, hidden_dim=96, num_heads=4, mlp_dim=192,
-                    dropout=0.1, stem="conv"),
-    batch_size=64, epochs=15, optimizer="adamw", learning_rate=1e-3, weight_decay=0.05, clipnorm=1.0,
-    schedule="cosine", warmup_epochs=1, label_smoothing=0.1,
+# must be small: the cpu recipe at 48 px, a conv stem to 6x6 tokens, a 4x96 encoder, 15 epochs.
+FLAG = dataclasses.replace(
+    CPU, name="flag",
+    model=dataclasses.replace(CPU.model, image_size=48, patch_size=8, num_layers=4, hidden_dim=96, mlp_dim=192),
+    epochs=15, warmup_epochs=1,
     notes="curate flag's K-fold model: K of them must fit the 45-minute budget on 2 CPU cores",
 )
 
