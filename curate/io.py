@@ -31,9 +31,20 @@ class CurateError(Exception):
         self.exit_code = exit_code
 
 
+def _file_mode() -> int:
+    """The mode open() gives a new file under the current umask (mkstemp's files are always 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    The result gets the mode a plainly written file would have (0644 under the usual umask), so a
+    report or manifest can be shared like any other file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -41,6 +52,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            tmp_path.chmod(_file_mode())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -58,6 +58,18 @@ def test_scan_writes_the_run_folder(small_dataset: Path, tmp_path: Path) -> None
     assert list(dups.columns) == ["dup_group", "kind", "filepath", "label", "distance", "keep"]
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_outputs_get_the_mode_the_umask_gives_like_any_written_file(small_dataset: Path, tmp_path: Path,
+                                                                     umask: int, mode: int) -> None:
+    old = os.umask(umask)
+    try:
+        scan(small_dataset, out=tmp_path / "run", progress=False)
+    finally:
+        os.umask(old)
+    for name in ("manifest.csv", "duplicates.csv", "scan.json"):
+        assert (tmp_path / "run" / name).stat().st_mode & 0o777 == mode, name
+
+
 def test_hashes_equal_imagehash_on_the_working_image(tmp_path: Path) -> None:
     """pHash/dHash are imagehash's, computed on the reduced image the scan decodes."""
     config = ScanConfig()
