@@ -1,0 +1,105 @@
+"""curate.scene: the OpenCV face and straight-edge detectors on real photos, and their cache."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from curate import scene
+from tests.conftest import real_photos
+
+
+def _manifest(root, paths) -> pd.DataFrame:
+    return pd.DataFrame({"filepath": [p.relative_to(root).as_posix() for p in paths],
+                         "sha256": [f"h{i}" for i in range(len(paths))]})
+
+
+def test_grey_thumbnail_keeps_the_aspect_ratio_and_caps_the_longest_side():
+    photo = real_photos(1, ["tulips"])[0]
+    with Image.open(photo) as im:
+        w, h = im.size
+    grey = scene.grey_thumbnail(photo)
+    assert grey.ndim == 2 and grey.dtype == np.uint8
+    assert max(grey.shape) == scene.SIDE
+    assert abs(grey.shape[1] / grey.shape[0] - w / h) < 0.02
+
+
+def test_straight_edges_are_high_for_a_built_grid_and_low_for_real_flower_photos():
+    flowers = [scene.measure_photo(scene.grey_thumbnail(p))["straight_edges"]
+               for p in real_photos(4, ["daisy", "dandelion"])]
+    # a window grid: what a building, a shelf or a fence looks like to the line detector
+    grid = np.full((240, 320), 200, np.uint8)
+    grid[::40, :] = 30
+    grid[:, ::40] = 30
+    built = scene.measure_photo(grid)
+    assert built["straight_edges"] > 5 * max(max(flowers), 0.1)
+    assert built["faces"] == 0 and built["face_area"] == 0.0
+    tilted = np.array(Image.fromarray(grid).rotate(30, fillcolor=200))  # diagonal lines are not counted
+    assert scene.measure_photo(tilted)["straight_edges"] < built["straight_edges"] / 3
+
+
+def test_a_photo_smaller_than_the_face_window_measures_empty():
+    assert scene.measure_photo(np.zeros((10, 500), np.uint8)) == {"faces": 0, "face_area": 0.0,
+                                                                    "straight_edges": 0.0}
+
+
+def test_measure_caches_by_path_and_hash_and_measures_only_what_changed(tmp_path, monkeypatch):
+    from tests.conftest import FLOWERS as SHARED
+
+    paths = real_photos(2, ["roses", "tulips"])
+    m = _manifest(SHARED, paths)
+    first = scene.measure(tmp_path, SHARED, m)
+    assert list(first.columns) == scene.SCENE_COLUMNS and len(first) == len(m)
+    assert (tmp_path / "cache" / "scene.csv").exists()
+
+    calls = []
+    real = scene.measure_photo
+    monkeypatch.setattr(scene, "measure_photo", lambda g: calls.append(1) or real(g))
+    again = scene.measure(tmp_path, SHARED, m)
+    pd.testing.assert_frame_equal(again, first)
+    assert calls == []  # everything came from the cache
+    m.loc[1, "sha256"] = "changed"
+    scene.measure(tmp_path, SHARED, m)
+    assert len(calls) == 1  # only the changed file was measured again
+
+
+def test_an_interrupted_measure_keeps_the_chunks_it_finished(tmp_path, monkeypatch):
+    from tests.conftest import FLOWERS as SHARED
+
+    m = _manifest(SHARED, real_photos(2, ["daisy", "roses", "sunflowers"]))
+    monkeypatch.setattr(scene, "CHUNK", 2)
+    real = scene.measure_photo
+    seen = []
+
+    def stop_on_the_fifth(grey):
+        seen.append(1)
+        if len(seen) == 5:
+            raise KeyboardInterrupt
+        return real(grey)
+
+    monkeypatch.setattr(scene, "measure_photo", stop_on_the_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        scene.measure(tmp_path, SHARED, m)
+    cached = pd.read_csv(tmp_path / "cache" / "scene.csv")
+    assert len(cached) == 4  # two chunks of two were saved before the interruption
+
+
+def test_an_unreadable_photo_is_named_and_measured_empty(tmp_path, caplog):
+    root = tmp_path / "data"
+    (root / "roses").mkdir(parents=True)
+    (root / "roses" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    m = pd.DataFrame({"filepath": ["roses/broken.jpg"], "sha256": ["x"]})
+    with caplog.at_level(logging.WARNING, logger="curate.scene"):
+        out = scene.measure(tmp_path / "run", root, m)
+    assert out.iloc[0].tolist() == [0, 0.0, 0.0]
+    assert "roses/broken.jpg" in caplog.text and "cannot decode" in caplog.text
+
+
+def test_scene_quality_is_lower_for_more_face_and_more_edges():
+    q = scene.scene_quality(pd.DataFrame({"faces": [0, 1], "face_area": [0.0, 0.2], "straight_edges": [0.1, 3.0]}))
+    assert q["q_people"][1] < q["q_people"][0]
+    assert q["q_structure"][1] < q["q_structure"][0]
