@@ -10,7 +10,10 @@ Three views of "this photo does not belong to its folder", each its own column (
 With trained models (the K-fold ViT) two more: `q_confidence`, the out-of-fold highest class probability
 (low when a photo looks like none of the classes), and `q_features`, `q_cluster` computed on the cheap
 features instead (a second, independent representation; bench/flag_ablation.py measured that adding it
-helps). All are combined by averaging their within-run percentile ranks into `label_quality` (0..1).
+helps). Two label-free components come from pretrained detectors that ship with OpenCV
+(curate.scene): `q_people` (a large face) and `q_structure` (long straight horizontal/vertical edges),
+which catch coherent off-class groups the models learn as the class (portraits, parades, buildings).
+All are combined by a weighted mean of their within-run percentile ranks into `label_quality` (0..1).
 In the K-fold ViT each fold's held-out photos are embedded by that fold's model, so kNN and clusters are
 computed within each fold.
 
@@ -40,12 +43,13 @@ from curate.io import (
     resolve_run_dir,
     run_lock,
 )
+from curate.scene import SCENE_COLUMNS
 from train.presets import Preset
 
 log = logging.getLogger("curate.labels")
 
 FLAG_COLUMNS = ["label_quality", "q_cleanlab", "q_knn", "q_cluster", "q_confidence", "q_features",
-                "suggested_label", "cluster", "models_disagreeing"]
+                "q_people", "q_structure", *SCENE_COLUMNS, "suggested_label", "cluster", "models_disagreeing"]
 
 
 @dataclass
@@ -55,12 +59,17 @@ class FlagConfig:
     folds: int = 5
     knn_k: int = 10  # neighbours for q_knn
     cluster_size: int = 25  # about one within-class cluster per this many photos
-    # equal weights for every component present; bench/flag_ablation.py measured each alone and together
+    # the model-based components weigh equally; the two scene detectors (curate.scene) together weigh as
+    # much as all of them: bench/flag_eval.py measured AP 0.17 without them, ~0.27 with them
     weights: dict[str, float] = field(default_factory=lambda: {
-        "q_cleanlab": 1.0, "q_knn": 1.0, "q_cluster": 1.0, "q_confidence": 1.0, "q_features": 1.0})
+        "q_cleanlab": 1.0, "q_knn": 1.0, "q_cluster": 1.0, "q_confidence": 1.0, "q_features": 1.0,
+        "q_people": 2.5, "q_structure": 2.5})
     # --fast: the cheap features' label disagreement (q_cleanlab, q_knn) ranks the audited off-class photos
     # at chance (bench/flag_eval.py: AP 0.078, base rate 0.066); only their within-class clusters carry signal
-    fast_weights: dict[str, float] = field(default_factory=lambda: {"q_cluster": 1.0})
+    # the scene detectors weigh as much as q_cluster together here too (AP 0.131 without them, 0.222 with)
+    fast_weights: dict[str, float] = field(default_factory=lambda: {
+        "q_cluster": 1.0, "q_people": 0.5, "q_structure": 0.5})
+    scene: bool = True  # run the scene detectors (faces, straight edges; curate.scene)
     outlier_z: float = 3.5  # robust z of the distance to the nearest class centre
     max_off_class_fraction: float = 0.2  # never flag more than this share of a run as off_class
     image_size: int = 96  # decode size of the cheap features
@@ -318,8 +327,16 @@ def flag(run: str | Path | None, folds: int = 5, embeddings: str | None = None, 
             feats = embed.represent("features", run_dir, data_root, good, classes, cfg, progress=progress)
             extra["q_features"] = cluster_quality(feats.embeddings, labels, len(classes), cfg.cluster_size,
                                                   cfg.seed)[0]
+        scene_measures = None
+        if cfg.scene:
+            from curate import scene
+
+            scene_measures = scene.measure(run_dir, data_root, good, progress=progress)
+            extra.update(scene.scene_quality(scene_measures))
         score_cfg = dataclasses.replace(cfg, weights=cfg.fast_weights) if rep.name == "features" else cfg
         s = score(rep.embeddings, labels, len(classes), oof, score_cfg, space=rep.space, extra=extra)
+        if scene_measures is not None:
+            s["scene"] = scene_measures
         off, outlier = choose_flags(s, cfg)
         _write_outputs(run_dir, df, ok, good, classes, labels, rep, s, off, outlier)
         log.info("flag: %d photos scored with %s in %.0f s; %d off_class, %d outlier -> %s",
@@ -341,6 +358,9 @@ def _write_outputs(run_dir: Path, df: pd.DataFrame, ok: np.ndarray, good: pd.Dat
     out = out.drop(columns=old)
     for col in ["label_quality"] + [c for c in s if c.startswith("q_")]:
         out[col] = full(np.round(s[col], 5).astype(float))
+    if "scene" in s:
+        for col in SCENE_COLUMNS:
+            out[col] = full(np.round(s["scene"][col].to_numpy(dtype=float), 5))
     suggested = np.array(classes, dtype=object)[s["mean_probs"].argmax(1)]
     out["suggested_label"] = ""
     out.loc[ok, "suggested_label"] = suggested

@@ -470,7 +470,8 @@ def section_off_class(art: RunArtifacts, thumbs: Thumbnails) -> str:
             rows, intro = lowest, intro + " The 20 lowest label-quality scores, for a look:"
     rows = rows.assign(_q=q[rows.index]).sort_values(["_q", "filepath"])
     removed = art.removed.set_index("filepath")["reason"] if art.removed is not None else None
-    score_cols = [c for c in ("label_quality", "q_cleanlab", "q_knn", "q_cluster") if c in m.columns]
+    score_cols = [c for c in ("label_quality", "q_cleanlab", "q_knn", "q_cluster", "faces", "straight_edges")
+                  if c in m.columns]
     head = "".join(f"<th>{c}</th>" for c in ["photo", "file", "label", *score_cols, "suggested", "cluster", "export"])
     body = []
     for _, r in rows.head(MAX_OFF_CLASS).iterrows():
@@ -485,7 +486,8 @@ def section_off_class(art: RunArtifacts, thumbs: Thumbnails) -> str:
                     f"<td>{html.escape(str(r.get('cluster', '')))}</td><td>{decision}</td></tr>")
     more = f"<p>… {len(rows) - MAX_OFF_CLASS} more in the manifest.</p>" if len(rows) > MAX_OFF_CLASS else ""
     table = f"<table><tr>{head}</tr>{''.join(body)}</table>" if body else ""
-    return f"<p>{intro} Scores: 0..1, low = suspicious.</p>{table}{more}{section_clusters(art)}"
+    legend = "Scores: 0..1, low = suspicious; faces and straight_edges are what the scene detectors found."
+    return f"<p>{intro} {legend}</p>{table}{more}{section_clusters(art)}"
 
 
 def _num(v) -> str:

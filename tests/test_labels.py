@@ -145,11 +145,21 @@ def test_flag_with_a_tiny_kfold_vit_writes_its_out_of_fold_outputs(small_dataset
     run = _scanned_run(small_dataset, tmp_path / "run")
     L.flag(run, folds=2, embeddings="vit", progress=False, config=L.FlagConfig(vit=TINY_VIT, group_size=3))
     df = read_manifest(run / "manifest.csv")
-    for col in ["q_cleanlab", "q_knn", "q_cluster", "q_confidence", "q_features", "pred_vit"]:
+    for col in ["q_cleanlab", "q_knn", "q_cluster", "q_confidence", "q_features", "q_people", "q_structure",
+                "faces", "face_area", "straight_edges", "pred_vit"]:
         assert df[col].notna().all(), col
+    assert (df["q_structure"] == -df["straight_edges"]).all()  # the detector's measure, sign flipped
     assert df["label_quality"].between(0, 1).all()
     oof = np.load(run / "oof_vit.npy")
     assert oof.shape == (len(df), 5)
     np.testing.assert_allclose(oof.sum(1), 1, atol=1e-4)
     assert (df["pred_vit"] == np.array(sorted(set(df["label"])))[oof.argmax(1)]).all()
     assert np.load(run / "embeddings.npy").shape == (len(df), TINY_VIT.model.hidden_dim)
+
+    # --no-scene: the detectors' columns go (the folds come from the cache) and label_quality changes
+    L.flag(run, folds=2, embeddings="vit", progress=False,
+           config=L.FlagConfig(vit=TINY_VIT, group_size=3, scene=False))
+    plain = read_manifest(run / "manifest.csv")
+    assert not {"q_people", "q_structure", "faces", "straight_edges"} & set(plain.columns)
+    assert (plain["q_cleanlab"] == df["q_cleanlab"]).all()
+    assert not np.allclose(plain["label_quality"], df["label_quality"])
