@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds per manifest for compare (default: 3)")
     p.add_argument("--epochs", type=int, metavar="N", help="override the compare preset's epochs")
     p.add_argument("--skip-compare", action="store_true", help="do not retrain (no before/after accuracy)")
+    p.add_argument("--no-scene", action="store_true",
+                   help="flag without the face and straight-edge detectors (see `curate flag --help`)")
     _add_common(p)
     return parser
 
@@ -210,7 +212,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from curate.pipeline import run
 
         run(args.data, source=args.source, out=args.out, fast=args.fast, preset=args.preset,
-            seeds=args.seeds, compare=not args.skip_compare, progress=progress, epochs=args.epochs)
+            seeds=args.seeds, compare=not args.skip_compare, progress=progress, epochs=args.epochs,
+            scene=not args.no_scene)
     return 0
 
 

@@ -113,10 +113,12 @@ def _pipeline_lock(run_dir: Path) -> Iterator[None]:
 
 def run(data: str | os.PathLike = "flower_photos", source: str | os.PathLike | None = None,
         out: str | os.PathLike | None = None, fast: bool = False, preset: str = "cpu", seeds: int = 3,
-        compare: bool = True, progress: bool = True, policy: str = "default", epochs: int | None = None) -> Path:
+        compare: bool = True, progress: bool = True, policy: str = "default", epochs: int | None = None,
+        scene: bool = True) -> Path:
     """Fetch (if DATA is missing), scan, flag, export, compare (unless `compare=False`) and report.
 
-    `epochs` overrides the compare preset's number of epochs (None: the preset's own).
+    `epochs` overrides the compare preset's number of epochs (None: the preset's own); `scene=False`
+    flags without the face and straight-edge detectors (`curate flag --no-scene`).
 
     Returns the report's path (`<run>/index.html`).
     """
@@ -129,7 +131,7 @@ def run(data: str | os.PathLike = "flower_photos", source: str | os.PathLike | N
     started = time.monotonic()
     with _pipeline_lock(run_dir):
         state = PipelineState(run_dir)
-        stages = _stages(data, source, run_dir, fast, preset, seeds, compare, progress, policy, epochs)
+        stages = _stages(data, source, run_dir, fast, preset, seeds, compare, progress, policy, epochs, scene)
         total = len(stages)
         for i, stage in enumerate(stages, 1):
             if stage.name == "fetch":
@@ -175,7 +177,12 @@ def _provided(state: dict, stage: str) -> dict | None:
 
 
 def _stages(data: Path, source, run_dir: Path, fast: bool, preset: str, seeds: int, do_compare: bool,
-            progress: bool, policy: str, epochs: int | None = None) -> list[Stage]:
+            progress: bool, policy: str, epochs: int | None = None, scene: bool = True) -> list[Stage]:
+    from curate.labels import FlagConfig
+
+    # the flag stage's key holds its whole recipe: a run scored with other weights or detectors is redone
+    flag_recipe = repr(FlagConfig(scene=scene))
+
     def scan_run() -> None:
         from curate.scan import scan
 
@@ -184,7 +191,7 @@ def _stages(data: Path, source, run_dir: Path, fast: bool, preset: str, seeds: i
     def flag_run() -> None:
         from curate.labels import flag
 
-        flag(run_dir, fast=fast, progress=progress)
+        flag(run_dir, fast=fast, progress=progress, config=FlagConfig(scene=scene))
 
     def export_run() -> None:
         from curate.export import export
@@ -208,7 +215,7 @@ def _stages(data: Path, source, run_dir: Path, fast: bool, preset: str, seeds: i
               lambda s: _key("scan", str(data.resolve()), data_fingerprint(data)), scan_run,
               provides=lambda d: [d / "manifest.csv", d / "duplicates.csv"]),
         Stage("flag", lambda d: [d / "manifest.csv", d / "clusters.csv", d / "embeddings.npy", *d.glob("oof_*.npy")],
-              lambda s: _key("flag", fast, _provided(s, "scan")), flag_run),
+              lambda s: _key("flag", fast, flag_recipe, _provided(s, "scan")), flag_run),
         Stage("export", lambda d: [d / "cleaned.csv", d / "removed.csv", d / "export.json"],
               lambda s: _key("export", policy, _provided(s, "flag")), export_run,
               always=lambda: (run_dir / "fiftyone.json").exists()),
