@@ -35,6 +35,7 @@ from curate.io import atomic_write_csv, safe_relpath
 log = logging.getLogger("curate.scene")
 
 SCENE_COLUMNS = ["faces", "face_area", "straight_edges"]
+NOTHING_FOUND = {"faces": 0, "face_area": 0.0, "straight_edges": 0.0}
 SIDE = 320  # longest side of the measured thumbnail
 CHUNK = 500  # photos measured between two saves of the cache
 _local = threading.local()
@@ -66,7 +67,7 @@ def measure_photo(grey: np.ndarray) -> dict[str, float]:
 
     faces, lines = _detectors()
     h, w = grey.shape
-    out = {"faces": 0, "face_area": 0.0, "straight_edges": 0.0}
+    out = dict(NOTHING_FOUND)
     if min(h, w) < 24:  # smaller than the cascade's window: nothing to find
         return out
     # minNeighbors 8: a strict cascade; at the default 3 petals and seed heads pass for faces
@@ -92,7 +93,7 @@ def measure(run_dir: Path, data_root: Path, manifest: pd.DataFrame, progress: bo
     A photo that cannot be decoded is logged by name and measured as empty (no faces, no edges); rows
     with a scan `error` are left unscored by the caller anyway.
     """
-    from curate.embed import _bar
+    from tqdm import tqdm
 
     cache_path = Path(run_dir) / "cache" / "scene.csv"
     key = manifest["filepath"].astype(str) + "|" + (
@@ -108,18 +109,18 @@ def measure(run_dir: Path, data_root: Path, manifest: pd.DataFrame, progress: bo
             return measure_photo(grey_thumbnail(safe_relpath(data_root, fp)))
         except (OSError, ValueError) as exc:
             log.warning("%s: cannot decode for the scene detectors (%s); measured as empty", fp, exc)
-            return {"faces": 0, "face_area": 0.0, "straight_edges": 0.0}
+            return dict(NOTHING_FOUND)
 
-    bar = _bar(len(todo), "scene detectors", progress and bool(todo))
+    bar = tqdm(total=len(todo), unit="img", desc="scene detectors", disable=not (progress and todo), leave=False)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         for start in range(0, len(todo), CHUNK):
             chunk = todo[start:start + CHUNK]
             for i, row in zip(chunk, pool.map(one, chunk), strict=True):
                 known[key.iloc[i]] = row
-                bar(1)
+                bar.update(1)
             # saved after each chunk: an interrupted run keeps what it measured
             atomic_write_csv(cache_path, pd.DataFrame([{"key": k, **v} for k, v in known.items()]))
-    bar(None)
+    bar.close()
     out = pd.DataFrame([known[k] for k in key], columns=SCENE_COLUMNS)
     out["faces"] = out["faces"].astype(int)
     return out
