@@ -27,6 +27,7 @@ from flag_eval import AUDIT, load_audit, ranking_scores  # noqa: E402
 from curate import embed  # noqa: E402
 from curate import labels as L  # noqa: E402
 from curate.io import data_root_of, read_manifest  # noqa: E402
+from curate.scene import SCENE_COMPONENTS  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         comps["common_knn"] = L.knn_quality(common, y, n_cls, cfg.knn_k)
     comps["features_cluster"], _, _ = L.cluster_quality(feats, y, n_cls, cfg.cluster_size, cfg.seed)
     comps["features_knn"] = L.knn_quality(feats, y, n_cls, cfg.knn_k)
-    for col in ("q_people", "q_structure"):  # the scene detectors' components, as the run measured them
-        if col in good.columns and good[col].notna().all():
-            comps[col] = good[col].to_numpy(dtype=float)
+    scene_cols = [c for c in SCENE_COMPONENTS if c in good.columns and good[c].notna().all()]
+    for col in scene_cols:  # the scene measures' components, as the run measured them
+        comps[col] = good[col].to_numpy(dtype=float)
 
     print(f"machine: {platform.node()} ({platform.machine()}), {len(y)} photos, base rate "
           f"{ranking_scores(fp, comps['features_knn'], audit)['base_rate']:.3f}")
@@ -91,17 +92,20 @@ def main(argv: list[str] | None = None) -> int:
     print("best equal-weight combinations:")
     for a, combo in sorted(results, reverse=True)[:10]:
         print(f"  AP {a:.3f}  {' + '.join(combo)}")
-    if "q_people" in comps and "q_structure" in comps and probs is not None:
-        # the shipped recipe: the model components equally, the two scene detectors together as much
+    if scene_cols and probs is not None:
+        # the shipped recipe: the model components equally, each scene measure half as much as all of them
         model = {n: comps[n] for n in ("vit_cleanlab", "vit_knn_perfold", "vit_cluster_perfold", "vit_maxprob",
                                        "features_cluster")}
-        print("model components and scene detectors, by the scene detectors' total weight share:")
+        both = model | {n: comps[n] for n in scene_cols}
+        print("model components (weight 1 each) and scene measures, by each scene measure's weight as a "
+              "share of the model components' total:")
         for share in (0.0, 0.25, 0.5, 0.75, 1.0):
-            w = {n: 1.0 - share for n in model} | {"q_people": share * len(model) / 2,
-                                                   "q_structure": share * len(model) / 2}
-            w = {n: v for n, v in w.items() if v}
-            both = model | {n: comps[n] for n in ("q_people", "q_structure")}
+            w = {n: 1.0 for n in model} | {n: share * len(model) for n in scene_cols}
             print(f"  share {share:.2f}: AP {ap_of(L.combine(both, w)):.3f}")
+        shipped = {n: 1.0 for n in model} | {n: 0.5 * len(model) for n in scene_cols}
+        for left_out in scene_cols:
+            w = {n: v for n, v in shipped.items() if n != left_out}
+            print(f"  share 0.50 without {left_out}: AP {ap_of(L.combine(both, w)):.3f}")
     return 0
 
 

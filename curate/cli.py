@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cheap features and the scene detectors: about 1.5 minutes for 3,000 photos on 2 cores, "
                    "less accurate than the K-fold ViT")
     p.add_argument("--no-scene", action="store_true",
-                   help="leave out the face and straight-edge detectors (q_people, q_structure): for datasets "
-                   "whose classes are people or man-made objects")
+                   help="leave out the scene measures: faces, straight edges, depth of field (q_people, q_structure, "
+                   "q_focus): for datasets whose classes are people, man-made objects or not close-ups")
     _add_common(p)
 
     p = sub.add_parser("app", help="build the FiftyOne dataset and its saved views; launch the App")

@@ -10,9 +10,10 @@ Three views of "this photo does not belong to its folder", each its own column (
 With trained models (the K-fold ViT) two more: `q_confidence`, the out-of-fold highest class probability
 (low when a photo looks like none of the classes), and `q_features`, `q_cluster` computed on the cheap
 features instead (a second, independent representation; bench/flag_ablation.py measured that adding it
-helps). Two label-free components come from pretrained detectors that ship with OpenCV
-(curate.scene): `q_people` (a large face) and `q_structure` (long straight horizontal/vertical edges),
-which catch coherent off-class groups the models learn as the class (portraits, parades, buildings).
+helps). Three label-free components come from OpenCV measures (curate.scene): `q_people` (a large
+face, by the pretrained cascade that ships with OpenCV), `q_structure` (long straight horizontal/vertical
+edges) and `q_focus` (sharp across the frame rather than a close-up's shallow depth of field), which catch
+coherent off-class groups the models learn as the class (portraits, parades, buildings, landscapes).
 All are combined by a weighted mean of their within-run percentile ranks into `label_quality` (0..1).
 In the K-fold ViT each fold's held-out photos are embedded by that fold's model, so kNN and clusters are
 computed within each fold.
@@ -43,13 +44,13 @@ from curate.io import (
     resolve_run_dir,
     run_lock,
 )
-from curate.scene import SCENE_COLUMNS
+from curate.scene import SCENE_COLUMNS, SCENE_COMPONENTS
 from train.presets import Preset
 
 log = logging.getLogger("curate.labels")
 
 FLAG_COLUMNS = ["label_quality", "q_cleanlab", "q_knn", "q_cluster", "q_confidence", "q_features",
-                "q_people", "q_structure", *SCENE_COLUMNS, "suggested_label", "cluster", "models_disagreeing"]
+                *SCENE_COMPONENTS, *SCENE_COLUMNS, "suggested_label", "cluster", "models_disagreeing"]
 
 
 @dataclass
@@ -59,17 +60,19 @@ class FlagConfig:
     folds: int = 5
     knn_k: int = 10  # neighbours for q_knn
     cluster_size: int = 25  # about one within-class cluster per this many photos
-    # the model-based components weigh equally; the two scene detectors (curate.scene) together weigh as
-    # much as all of them: bench/flag_eval.py measured AP 0.17 without them, ~0.27 with them
+    # the model-based components weigh equally; each scene measure (curate.scene) weighs half as much as
+    # all of them: bench/flag_eval.py measured AP 0.17 without them, 0.26 with faces and edges, ~0.30 with
+    # depth of field too
     weights: dict[str, float] = field(default_factory=lambda: {
         "q_cleanlab": 1.0, "q_knn": 1.0, "q_cluster": 1.0, "q_confidence": 1.0, "q_features": 1.0,
-        "q_people": 2.5, "q_structure": 2.5})
+        "q_people": 2.5, "q_structure": 2.5, "q_focus": 2.5})
     # --fast: the cheap features' label disagreement (q_cleanlab, q_knn) ranks the audited off-class photos
     # at chance (bench/flag_eval.py: AP 0.078, base rate 0.066); only their within-class clusters carry signal
-    # the scene detectors weigh as much as q_cluster together here too (AP 0.131 without them, 0.222 with)
+    # each scene measure weighs half as much as q_cluster here too (AP 0.131 without them, 0.222 with faces
+    # and edges)
     fast_weights: dict[str, float] = field(default_factory=lambda: {
-        "q_cluster": 1.0, "q_people": 0.5, "q_structure": 0.5})
-    scene: bool = True  # run the scene detectors (faces, straight edges; curate.scene)
+        "q_cluster": 1.0, "q_people": 0.5, "q_structure": 0.5, "q_focus": 0.5})
+    scene: bool = True  # measure faces, straight edges and depth of field (curate.scene)
     outlier_z: float = 3.5  # robust z of the distance to the nearest class centre
     max_off_class_fraction: float = 0.2  # never flag more than this share of a run as off_class
     image_size: int = 96  # decode size of the cheap features

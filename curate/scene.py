@@ -1,18 +1,22 @@
-"""What else is in a photo: people and man-made structure, found by detectors that ship with OpenCV.
+"""What else is in a photo: people, man-made structure and depth of field, measured with OpenCV.
 
 A model trained from scratch on the folder labels learns a coherent off-class group (parade bands in
 roses/, windmills in tulips/, portraits in sunflowers/) as part of the class, so its disagreement misses
-them. Two pretrained, offline signals do not depend on the labels at all:
+them. Three offline signals do not depend on the labels at all:
 - `faces`, `face_area`: OpenCV's frontal-face Haar cascade (shipped in opencv-python-headless, no
   download). A photo dominated by a face is rarely a photo of the class's object.
 - `straight_edges`: total length of long, near-horizontal or near-vertical line segments (OpenCV's
   line segment detector), relative to the photo's diagonal: buildings, interiors, vehicles, fences.
+- `in_focus`: how much of the frame is as sharp as its sharpest part (median over an 8x8 grid of the
+  mean Laplacian magnitude, over its maximum). A close-up of a flower has a shallow depth of field, a
+  sharp subject on a blurred background; a landscape, street, parade or room is sharp across the frame.
 
-They become two label_quality components, `q_people` and `q_structure` (low = suspicious).
-bench/flag_eval.py measured them on the hand audit: alone AP 0.10 and 0.14 (base rate 0.066); with the
-model components AP 0.17 -> ~0.27. They encode an assumption, that the classes are natural objects and
-people and straight man-made edges are not what the folders are about; for a dataset where they are
-(parts on a production line), leave them out: `curate flag --no-scene`.
+They become three label_quality components, `q_people`, `q_structure` and `q_focus` (low = suspicious).
+bench/flag_eval.py measured them on the hand audit: alone AP 0.10, 0.14 and 0.09 (base rate 0.066); with
+the model components AP 0.17 -> 0.26 (faces, edges) -> ~0.30 (and depth of field). They encode an
+assumption, that the classes are natural objects photographed close up, and that people, straight
+man-made edges and deep focus are not what the folders are about; for a dataset where they are (parts on
+a production line), leave them out: `curate flag --no-scene`.
 
 Measured once per photo on a grey thumbnail (longest side 320 px), cached in `<run>/cache/scene.csv` by
 file path and content hash, so a rerun or an interrupted run measures only what is missing.
@@ -34,8 +38,10 @@ from curate.io import atomic_write_csv, safe_relpath
 
 log = logging.getLogger("curate.scene")
 
-SCENE_COLUMNS = ["faces", "face_area", "straight_edges"]
-NOTHING_FOUND = {"faces": 0, "face_area": 0.0, "straight_edges": 0.0}
+SCENE_COLUMNS = ["faces", "face_area", "straight_edges", "in_focus"]
+NOTHING_FOUND = {"faces": 0, "face_area": 0.0, "straight_edges": 0.0, "in_focus": 0.0}
+SCENE_COMPONENTS = ["q_people", "q_structure", "q_focus"]  # their label_quality components
+FOCUS_GRID = 8  # in_focus compares the sharpness of 8 x 8 tiles of the photo
 SIDE = 320  # longest side of the measured thumbnail
 CHUNK = 500  # photos measured between two saves of the cache
 _local = threading.local()
@@ -62,7 +68,8 @@ def grey_thumbnail(path: Path, side: int = SIDE) -> np.ndarray:
 
 
 def measure_photo(grey: np.ndarray) -> dict[str, float]:
-    """faces (count), face_area (largest face / photo area), straight_edges (long h/v lines / diagonal)."""
+    """faces (count), face_area (largest face / photo area), straight_edges (long h/v lines / diagonal),
+    in_focus (median tile sharpness / sharpest tile's, 0..1)."""
     import cv2
 
     faces, lines = _detectors()
@@ -84,6 +91,11 @@ def measure_photo(grey: np.ndarray) -> dict[str, float]:
         # long (> 5% of the diagonal) and within 5 degrees of horizontal or vertical: built, not grown
         keep = (length > 0.05 * diag) & ((angle < 5) | (angle > 85))
         out["straight_edges"] = float(length[keep].sum() / diag)
+    sharpness = np.abs(cv2.Laplacian(grey.astype(np.float32), cv2.CV_32F, ksize=3))
+    # INTER_AREA averages each tile's pixels: a map of mean sharpness per tile
+    tiles = cv2.resize(sharpness, (FOCUS_GRID, FOCUS_GRID), interpolation=cv2.INTER_AREA)
+    if tiles.max() > 0:  # a flat image has no sharp part: nothing in focus
+        out["in_focus"] = float(np.median(tiles) / tiles.max())
     return out
 
 
@@ -98,8 +110,9 @@ def measure(run_dir: Path, data_root: Path, manifest: pd.DataFrame, progress: bo
     cache_path = Path(run_dir) / "cache" / "scene.csv"
     key = manifest["filepath"].astype(str) + "|" + (
         manifest["sha256"].astype(str) if "sha256" in manifest.columns else "")
-    cached = pd.read_csv(cache_path, keep_default_na=False) if cache_path.exists() else pd.DataFrame(
-        columns=["key", *SCENE_COLUMNS])
+    cached = pd.read_csv(cache_path, keep_default_na=False) if cache_path.exists() else pd.DataFrame()
+    if not set(SCENE_COLUMNS) <= set(cached.columns):  # no cache, or written before a measure was added
+        cached = pd.DataFrame(columns=["key", *SCENE_COLUMNS])
     known = dict(zip(cached["key"], cached[SCENE_COLUMNS].to_dict("records"), strict=True))
     todo = [i for i, k in enumerate(key) if k not in known]
 
@@ -127,6 +140,8 @@ def measure(run_dir: Path, data_root: Path, manifest: pd.DataFrame, progress: bo
 
 
 def scene_quality(measures: pd.DataFrame) -> dict[str, np.ndarray]:
-    """q_people and q_structure (higher face area / more straight edges = lower = more suspicious)."""
+    """q_people, q_structure, q_focus (a larger face, more straight edges, more of the frame in focus =
+    lower = more suspicious)."""
     return {"q_people": -measures["face_area"].to_numpy(dtype=float),
-            "q_structure": -measures["straight_edges"].to_numpy(dtype=float)}
+            "q_structure": -measures["straight_edges"].to_numpy(dtype=float),
+            "q_focus": -measures["in_focus"].to_numpy(dtype=float)}

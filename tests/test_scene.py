@@ -1,4 +1,4 @@
-"""curate.scene: the OpenCV face and straight-edge detectors on real photos, and their cache."""
+"""curate.scene: the OpenCV face, straight-edge and depth-of-field measures on real photos, and their cache."""
 
 from __future__ import annotations
 
@@ -44,7 +44,23 @@ def test_straight_edges_are_high_for_a_built_grid_and_low_for_real_flower_photos
 
 def test_a_photo_smaller_than_the_face_window_measures_empty():
     assert scene.measure_photo(np.zeros((10, 500), np.uint8)) == {"faces": 0, "face_area": 0.0,
-                                                                    "straight_edges": 0.0}
+                                                                    "straight_edges": 0.0, "in_focus": 0.0}
+
+
+def test_in_focus_is_high_when_the_whole_frame_is_sharp_and_low_for_a_shallow_depth_of_field():
+    import cv2
+
+    grey = scene.grey_thumbnail(real_photos(1, ["daisy"])[0])
+    h, w = grey.shape
+    detail = grey[h // 2 - h // 8:h // 2 + h // 8, w // 2 - w // 8:w // 2 + w // 8]  # a real photo's centre
+    sharp_everywhere = np.tile(detail, (4, 4))  # a landscape or a street: detail from edge to edge
+    close_up = cv2.GaussianBlur(sharp_everywhere, (0, 0), 6)  # the same frame, its surroundings out of focus
+    dh, dw = detail.shape
+    close_up[dh * 3 // 2:dh * 5 // 2, dw * 3 // 2:dw * 5 // 2] = sharp_everywhere[dh * 3 // 2:dh * 5 // 2,
+                                                                                   dw * 3 // 2:dw * 5 // 2]
+    deep, shallow = (scene.measure_photo(x)["in_focus"] for x in (sharp_everywhere, close_up))
+    assert deep > 0.4 and shallow < deep / 3
+    assert scene.measure_photo(np.full((240, 320), 128, np.uint8))["in_focus"] == 0.0  # nothing sharp at all
 
 
 def test_measure_caches_by_path_and_hash_and_measures_only_what_changed(tmp_path, monkeypatch):
@@ -65,6 +81,14 @@ def test_measure_caches_by_path_and_hash_and_measures_only_what_changed(tmp_path
     m.loc[1, "sha256"] = "changed"
     scene.measure(tmp_path, SHARED, m)
     assert len(calls) == 1  # only the changed file was measured again
+
+    # a cache written before a measure existed is measured again rather than read with a column missing
+    cache = tmp_path / "cache" / "scene.csv"
+    pd.read_csv(cache).drop(columns=["in_focus"]).to_csv(cache, index=False)
+    calls.clear()
+    pd.testing.assert_frame_equal(scene.measure(tmp_path, SHARED, m).drop(index=1),
+                                  first.drop(index=1))
+    assert len(calls) == len(m)
 
 
 def test_an_interrupted_measure_keeps_the_chunks_it_finished(tmp_path, monkeypatch):
@@ -95,11 +119,14 @@ def test_an_unreadable_photo_is_named_and_measured_empty(tmp_path, caplog):
     m = pd.DataFrame({"filepath": ["roses/broken.jpg"], "sha256": ["x"]})
     with caplog.at_level(logging.WARNING, logger="curate.scene"):
         out = scene.measure(tmp_path / "run", root, m)
-    assert out.iloc[0].tolist() == [0, 0.0, 0.0]
+    assert out.iloc[0].tolist() == [0, 0.0, 0.0, 0.0]
     assert "roses/broken.jpg" in caplog.text and "cannot decode" in caplog.text
 
 
-def test_scene_quality_is_lower_for_more_face_and_more_edges():
-    q = scene.scene_quality(pd.DataFrame({"faces": [0, 1], "face_area": [0.0, 0.2], "straight_edges": [0.1, 3.0]}))
+def test_scene_quality_is_lower_for_more_face_more_edges_and_more_in_focus():
+    q = scene.scene_quality(pd.DataFrame({"faces": [0, 1], "face_area": [0.0, 0.2], "straight_edges": [0.1, 3.0],
+                                          "in_focus": [0.1, 0.8]}))
+    assert list(q) == scene.SCENE_COMPONENTS
     assert q["q_people"][1] < q["q_people"][0]
     assert q["q_structure"][1] < q["q_structure"][0]
+    assert q["q_focus"][1] < q["q_focus"][0]
