@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cheap features and the scene detectors: about 1.5 minutes for 3,000 photos on 2 cores, "
                    "less accurate than the K-fold ViT")
     p.add_argument("--no-scene", action="store_true",
-                   help="leave out the scene measures: faces, straight edges, depth of field (q_people, q_structure, "
-                   "q_focus): for datasets whose classes are people, man-made objects or not close-ups")
+                   help="leave out the scene measures: faces, straight edges, depth of field, colour (q_people, "
+                   "q_structure, q_focus, q_colour): for datasets whose classes are people, man-made objects "
+                   "or not colourful close-ups")
     _add_common(p)
 
     p = sub.add_parser("app", help="build the FiftyOne dataset and its saved views; launch the App")
@@ -137,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, metavar="N", help="override the compare preset's epochs")
     p.add_argument("--skip-compare", action="store_true", help="do not retrain (no before/after accuracy)")
     p.add_argument("--no-scene", action="store_true",
-                   help="flag without the face and straight-edge detectors (see `curate flag --help`)")
+                   help="flag without the scene measures (see `curate flag --help`)")
     _add_common(p)
     return parser
 

@@ -12,8 +12,9 @@ With trained models (the K-fold ViT) two more: `q_confidence`, the out-of-fold h
 features instead (a second, independent representation; bench/flag_ablation.py measured that adding it
 helps). Three label-free components come from OpenCV measures (curate.scene): `q_people` (a large
 face, by the pretrained cascade that ships with OpenCV), `q_structure` (long straight horizontal/vertical
-edges) and `q_focus` (sharp across the frame rather than a close-up's shallow depth of field), which catch
-coherent off-class groups the models learn as the class (portraits, parades, buildings, landscapes).
+edges), `q_focus` (sharp across the frame rather than a close-up's shallow depth of field) and `q_colour`
+(less colourful than the class's other photos), which catch coherent off-class groups the models learn as
+the class (portraits, parades, buildings, landscapes).
 All are combined by a weighted mean of their within-run percentile ranks into `label_quality` (0..1).
 In the K-fold ViT each fold's held-out photos are embedded by that fold's model, so kNN and clusters are
 computed within each fold.
@@ -61,18 +62,18 @@ class FlagConfig:
     knn_k: int = 10  # neighbours for q_knn
     cluster_size: int = 25  # about one within-class cluster per this many photos
     # the model-based components weigh equally; each scene measure (curate.scene) weighs half as much as
-    # all of them: bench/flag_eval.py measured AP 0.17 without them, 0.26 with faces and edges, ~0.30 with
-    # depth of field too
+    # all of them: bench/flag_eval.py measured AP 0.17 without them, 0.26 with faces and edges, 0.30 with
+    # depth of field, ~0.37 with colour too
     weights: dict[str, float] = field(default_factory=lambda: {
         "q_cleanlab": 1.0, "q_knn": 1.0, "q_cluster": 1.0, "q_confidence": 1.0, "q_features": 1.0,
-        "q_people": 2.5, "q_structure": 2.5, "q_focus": 2.5})
+        "q_people": 2.5, "q_structure": 2.5, "q_focus": 2.5, "q_colour": 2.5})
     # --fast: the cheap features' label disagreement (q_cleanlab, q_knn) ranks the audited off-class photos
     # at chance (bench/flag_eval.py: AP 0.078, base rate 0.066); only their within-class clusters carry signal
     # each scene measure weighs half as much as q_cluster here too (AP 0.131 without them, 0.222 with faces
-    # and edges)
+    # and edges, ~0.35 with all four)
     fast_weights: dict[str, float] = field(default_factory=lambda: {
-        "q_cluster": 1.0, "q_people": 0.5, "q_structure": 0.5, "q_focus": 0.5})
-    scene: bool = True  # measure faces, straight edges and depth of field (curate.scene)
+        "q_cluster": 1.0, "q_people": 0.5, "q_structure": 0.5, "q_focus": 0.5, "q_colour": 0.5})
+    scene: bool = True  # measure faces, straight edges, depth of field and colour (curate.scene)
     outlier_z: float = 3.5  # robust z of the distance to the nearest class centre
     max_off_class_fraction: float = 0.2  # never flag more than this share of a run as off_class
     image_size: int = 96  # decode size of the cheap features
@@ -335,7 +336,7 @@ def flag(run: str | Path | None, folds: int = 5, embeddings: str | None = None, 
             from curate import scene
 
             scene_measures = scene.measure(run_dir, data_root, good, progress=progress)
-            extra.update(scene.scene_quality(scene_measures))
+            extra.update(scene.scene_quality(scene_measures, labels))
         score_cfg = dataclasses.replace(cfg, weights=cfg.fast_weights) if rep.name == "features" else cfg
         s = score(rep.embeddings, labels, len(classes), oof, score_cfg, space=rep.space, extra=extra)
         if scene_measures is not None:

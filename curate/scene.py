@@ -1,8 +1,8 @@
-"""What else is in a photo: people, man-made structure and depth of field, measured with OpenCV.
+"""What else is in a photo: people, man-made structure, depth of field and colour, measured with OpenCV.
 
 A model trained from scratch on the folder labels learns a coherent off-class group (parade bands in
 roses/, windmills in tulips/, portraits in sunflowers/) as part of the class, so its disagreement misses
-them. Three offline signals do not depend on the labels at all:
+them. Four offline measures do not depend on the labels:
 - `faces`, `face_area`: OpenCV's frontal-face Haar cascade (shipped in opencv-python-headless, no
   download). A photo dominated by a face is rarely a photo of the class's object.
 - `straight_edges`: total length of long, near-horizontal or near-vertical line segments (OpenCV's
@@ -10,15 +10,20 @@ them. Three offline signals do not depend on the labels at all:
 - `in_focus`: how much of the frame is as sharp as its sharpest part (median over an 8x8 grid of the
   mean Laplacian magnitude, over its maximum). A close-up of a flower has a shallow depth of field, a
   sharp subject on a blurred background; a landscape, street, parade or room is sharp across the frame.
+- `colourfulness`: Hasler and Suesstrunk's colourfulness (spread and strength of the opponent colours
+  red-green and yellow-blue). Its component is ranked within the photo's class, since classes differ
+  (white daisies, yellow dandelions): a photo much greyer than its class's photos (a street, a portrait,
+  a black-and-white wedding) rarely shows its flowers.
 
-They become three label_quality components, `q_people`, `q_structure` and `q_focus` (low = suspicious).
-bench/flag_eval.py measured them on the hand audit: alone AP 0.10, 0.14 and 0.09 (base rate 0.066); with
-the model components AP 0.17 -> 0.26 (faces, edges) -> ~0.30 (and depth of field). They encode an
-assumption, that the classes are natural objects photographed close up, and that people, straight
-man-made edges and deep focus are not what the folders are about; for a dataset where they are (parts on
-a production line), leave them out: `curate flag --no-scene`.
+They become four label_quality components, `q_people`, `q_structure`, `q_focus` and `q_colour` (low =
+suspicious). bench/flag_eval.py measured them on the hand audit: alone AP 0.10, 0.14, 0.09 and 0.14
+(base rate 0.066); with the model components AP 0.17 -> 0.26 (faces, edges) -> 0.30 (depth of field)
+-> ~0.37 (colour). They encode an assumption, that the classes are colourful natural objects
+photographed close up, and that people, straight man-made edges, deep focus and grey scenes are not what
+the folders are about; for a dataset where they are (parts on a production line), leave them out:
+`curate flag --no-scene`.
 
-Measured once per photo on a grey thumbnail (longest side 320 px), cached in `<run>/cache/scene.csv` by
+Measured once per photo on a thumbnail (longest side 320 px), cached in `<run>/cache/scene.csv` by
 file path and content hash, so a rerun or an interrupted run measures only what is missing.
 """
 
@@ -38,9 +43,9 @@ from curate.io import atomic_write_csv, safe_relpath
 
 log = logging.getLogger("curate.scene")
 
-SCENE_COLUMNS = ["faces", "face_area", "straight_edges", "in_focus"]
-NOTHING_FOUND = {"faces": 0, "face_area": 0.0, "straight_edges": 0.0, "in_focus": 0.0}
-SCENE_COMPONENTS = ["q_people", "q_structure", "q_focus"]  # their label_quality components
+SCENE_COLUMNS = ["faces", "face_area", "straight_edges", "in_focus", "colourfulness"]
+NOTHING_FOUND = {"faces": 0, "face_area": 0.0, "straight_edges": 0.0, "in_focus": 0.0, "colourfulness": 0.0}
+SCENE_COMPONENTS = ["q_people", "q_structure", "q_focus", "q_colour"]  # their label_quality components
 FOCUS_GRID = 8  # in_focus compares the sharpness of 8 x 8 tiles of the photo
 SIDE = 320  # longest side of the measured thumbnail
 CHUNK = 500  # photos measured between two saves of the cache
@@ -58,23 +63,36 @@ def _detectors():
     return _local.faces, _local.lines
 
 
-def grey_thumbnail(path: Path, side: int = SIDE) -> np.ndarray:
-    """The photo as displayed (EXIF orientation applied), grey, longest side at most `side` pixels."""
+def thumbnail(path: Path, side: int = SIDE) -> np.ndarray:
+    """The photo as displayed (EXIF orientation applied), RGB, longest side at most `side` pixels."""
     with Image.open(path) as im:
-        im.draft("L", (side * 2, side * 2))  # JPEG DCT scaling: decode at a fraction of full size
-        im = ImageOps.exif_transpose(im).convert("L")
+        im.draft("RGB", (side * 2, side * 2))  # JPEG DCT scaling: decode at a fraction of full size
+        im = ImageOps.exif_transpose(im).convert("RGB")
         im.thumbnail((side, side), Image.BILINEAR)
         return np.asarray(im, dtype=np.uint8)
 
 
-def measure_photo(grey: np.ndarray) -> dict[str, float]:
+def colourfulness(rgb: np.ndarray) -> float:
+    """Hasler and Suesstrunk (2003): spread plus 0.3 x mean strength of the red-green and yellow-blue
+    opponent colours; 0 for a grey image, ~15 for muted colours, ~100+ for vivid flowers."""
+    r, g, b = (rgb[..., i].astype(np.float32) for i in range(3))
+    rg, yb = r - g, (r + g) / 2 - b
+    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
+
+
+def measure_photo(image: np.ndarray) -> dict[str, float]:
     """faces (count), face_area (largest face / photo area), straight_edges (long h/v lines / diagonal),
-    in_focus (median tile sharpness / sharpest tile's, 0..1)."""
+    in_focus (median tile sharpness / sharpest tile's, 0..1), colourfulness (0 for a grey image).
+
+    `image`: H x W x 3 RGB or H x W grey (uint8)."""
     import cv2
 
     faces, lines = _detectors()
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
     h, w = grey.shape
     out = dict(NOTHING_FOUND)
+    if image.ndim == 3:
+        out["colourfulness"] = colourfulness(image)
     if min(h, w) < 24:  # smaller than the cascade's window: nothing to find
         return out
     # minNeighbors 8: a strict cascade; at the default 3 petals and seed heads pass for faces
@@ -119,7 +137,7 @@ def measure(run_dir: Path, data_root: Path, manifest: pd.DataFrame, progress: bo
     def one(i: int) -> dict[str, float]:
         fp = manifest["filepath"].iloc[i]
         try:
-            return measure_photo(grey_thumbnail(safe_relpath(data_root, fp)))
+            return measure_photo(thumbnail(safe_relpath(data_root, fp)))
         except (OSError, ValueError) as exc:
             log.warning("%s: cannot decode for the scene detectors (%s); measured as empty", fp, exc)
             return dict(NOTHING_FOUND)
@@ -139,9 +157,12 @@ def measure(run_dir: Path, data_root: Path, manifest: pd.DataFrame, progress: bo
     return out
 
 
-def scene_quality(measures: pd.DataFrame) -> dict[str, np.ndarray]:
-    """q_people, q_structure, q_focus (a larger face, more straight edges, more of the frame in focus =
-    lower = more suspicious)."""
+def scene_quality(measures: pd.DataFrame, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """SCENE_COMPONENTS, low = more suspicious: q_people (a larger face), q_structure (more straight
+    edges), q_focus (more of the frame in focus), q_colour (colourfulness as a percentile rank within the
+    photo's class, `labels`: less colourful than the class's other photos)."""
+    colour = pd.Series(measures["colourfulness"].to_numpy(dtype=float))
     return {"q_people": -measures["face_area"].to_numpy(dtype=float),
             "q_structure": -measures["straight_edges"].to_numpy(dtype=float),
-            "q_focus": -measures["in_focus"].to_numpy(dtype=float)}
+            "q_focus": -measures["in_focus"].to_numpy(dtype=float),
+            "q_colour": colour.groupby(np.asarray(labels)).rank(pct=True).to_numpy()}

@@ -1,4 +1,4 @@
-"""curate.scene: the OpenCV face, straight-edge and depth-of-field measures on real photos, and their cache."""
+"""curate.scene: the face, straight-edge, depth-of-field and colour measures on real photos, and their cache."""
 
 from __future__ import annotations
 
@@ -18,18 +18,18 @@ def _manifest(root, paths) -> pd.DataFrame:
                          "sha256": [f"h{i}" for i in range(len(paths))]})
 
 
-def test_grey_thumbnail_keeps_the_aspect_ratio_and_caps_the_longest_side():
+def test_thumbnail_keeps_the_aspect_ratio_and_caps_the_longest_side():
     photo = real_photos(1, ["tulips"])[0]
     with Image.open(photo) as im:
         w, h = im.size
-    grey = scene.grey_thumbnail(photo)
-    assert grey.ndim == 2 and grey.dtype == np.uint8
-    assert max(grey.shape) == scene.SIDE
-    assert abs(grey.shape[1] / grey.shape[0] - w / h) < 0.02
+    thumb = scene.thumbnail(photo)
+    assert thumb.ndim == 3 and thumb.shape[2] == 3 and thumb.dtype == np.uint8
+    assert max(thumb.shape[:2]) == scene.SIDE
+    assert abs(thumb.shape[1] / thumb.shape[0] - w / h) < 0.02
 
 
 def test_straight_edges_are_high_for_a_built_grid_and_low_for_real_flower_photos():
-    flowers = [scene.measure_photo(scene.grey_thumbnail(p))["straight_edges"]
+    flowers = [scene.measure_photo(scene.thumbnail(p))["straight_edges"]
                for p in real_photos(4, ["daisy", "dandelion"])]
     # a window grid: what a building, a shelf or a fence looks like to the line detector
     grid = np.full((240, 320), 200, np.uint8)
@@ -44,13 +44,14 @@ def test_straight_edges_are_high_for_a_built_grid_and_low_for_real_flower_photos
 
 def test_a_photo_smaller_than_the_face_window_measures_empty():
     assert scene.measure_photo(np.zeros((10, 500), np.uint8)) == {"faces": 0, "face_area": 0.0,
-                                                                    "straight_edges": 0.0, "in_focus": 0.0}
+                                                                    "straight_edges": 0.0, "in_focus": 0.0,
+                                                                    "colourfulness": 0.0}
 
 
 def test_in_focus_is_high_when_the_whole_frame_is_sharp_and_low_for_a_shallow_depth_of_field():
     import cv2
 
-    grey = scene.grey_thumbnail(real_photos(1, ["daisy"])[0])
+    grey = scene.thumbnail(real_photos(1, ["daisy"])[0])[..., 1]
     h, w = grey.shape
     detail = grey[h // 2 - h // 8:h // 2 + h // 8, w // 2 - w // 8:w // 2 + w // 8]  # a real photo's centre
     sharp_everywhere = np.tile(detail, (4, 4))  # a landscape or a street: detail from edge to edge
@@ -61,6 +62,16 @@ def test_in_focus_is_high_when_the_whole_frame_is_sharp_and_low_for_a_shallow_de
     deep, shallow = (scene.measure_photo(x)["in_focus"] for x in (sharp_everywhere, close_up))
     assert deep > 0.4 and shallow < deep / 3
     assert scene.measure_photo(np.full((240, 320), 128, np.uint8))["in_focus"] == 0.0  # nothing sharp at all
+
+
+def test_colourfulness_is_zero_for_grey_and_falls_as_a_real_photo_loses_its_colour():
+    rgb = scene.thumbnail(real_photos(1, ["tulips"])[0])
+    grey = np.repeat(rgb.mean(axis=2, keepdims=True).astype(np.uint8), 3, axis=2)
+    assert scene.colourfulness(grey) == 0.0
+    # halfway to grey: the opponent colours halve, and so does the measure
+    faded = (rgb.astype(np.float32) + grey) / 2
+    assert scene.colourfulness(faded) == pytest.approx(scene.colourfulness(rgb) / 2, rel=0.02)
+    assert scene.measure_photo(rgb)["colourfulness"] == scene.colourfulness(rgb) > 0
 
 
 def test_measure_caches_by_path_and_hash_and_measures_only_what_changed(tmp_path, monkeypatch):
@@ -119,14 +130,18 @@ def test_an_unreadable_photo_is_named_and_measured_empty(tmp_path, caplog):
     m = pd.DataFrame({"filepath": ["roses/broken.jpg"], "sha256": ["x"]})
     with caplog.at_level(logging.WARNING, logger="curate.scene"):
         out = scene.measure(tmp_path / "run", root, m)
-    assert out.iloc[0].tolist() == [0, 0.0, 0.0, 0.0]
+    assert out.iloc[0].tolist() == [0, 0.0, 0.0, 0.0, 0.0]
     assert "roses/broken.jpg" in caplog.text and "cannot decode" in caplog.text
 
 
-def test_scene_quality_is_lower_for_more_face_more_edges_and_more_in_focus():
-    q = scene.scene_quality(pd.DataFrame({"faces": [0, 1], "face_area": [0.0, 0.2], "straight_edges": [0.1, 3.0],
-                                          "in_focus": [0.1, 0.8]}))
+def test_scene_quality_is_lower_for_more_face_more_edges_more_in_focus_and_less_colour_than_the_class():
+    measures = pd.DataFrame({"faces": [0, 1, 0, 0], "face_area": [0.0, 0.2, 0.0, 0.0],
+                             "straight_edges": [0.1, 3.0, 0.1, 0.1], "in_focus": [0.1, 0.8, 0.1, 0.1],
+                             "colourfulness": [80.0, 40.0, 20.0, 10.0]})
+    q = scene.scene_quality(measures, labels=np.array([0, 0, 1, 1]))
     assert list(q) == scene.SCENE_COMPONENTS
     assert q["q_people"][1] < q["q_people"][0]
     assert q["q_structure"][1] < q["q_structure"][0]
     assert q["q_focus"][1] < q["q_focus"][0]
+    # colour is ranked within each class: 20 is the colourful one of class 1, though greyer than class 0's 40
+    assert q["q_colour"].tolist() == [1.0, 0.5, 1.0, 0.5]
