@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
+from PIL import Image
 
-from curate.io import CurateError, atomic_save_npy, atomic_write_text, safe_relpath
+from curate.io import CurateError, atomic_save_npy, atomic_write_text, open_upright, safe_relpath
 from train.presets import FLAG, Preset
 
 log = logging.getLogger("curate.embed")
@@ -45,11 +45,7 @@ class Representation:
 # ---------------------------------------------------------------- decoded image cache
 
 def _decode(path: Path, size: int) -> np.ndarray:
-    with Image.open(path) as im:
-        im.draft("RGB", (size * 2, size * 2))  # JPEG DCT scaling: decode at a fraction of full size
-        im = ImageOps.exif_transpose(im)  # as displayed, as scan hashes it and the trainer sees it
-        im = im.convert("RGB").resize((size, size), Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
+    return np.asarray(open_upright(path, draft=size * 2).resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
 def load_images(run_dir: Path, data_root: Path, filepaths: list[str], size: int,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 
 from curate.io import (
     CurateError,
@@ -26,6 +26,7 @@ from curate.io import (
     atomic_write_csv,
     data_root_of,
     flags_of,
+    open_upright,
     read_manifest,
     resolve_run_dir,
     safe_relpath,
@@ -61,12 +62,9 @@ def _font(size: int) -> ImageFont.ImageFont:
 def thumbnail(path: Path, side: int) -> Image.Image | None:
     """The photo fitted into a `side` x `side` box (RGB), or None when it cannot be decoded."""
     try:
-        with Image.open(path) as im:
-            im.draft("RGB", (side, side))  # JPEG: decode at 1/2..1/8 scale, much faster
-            im = ImageOps.exif_transpose(im)
-            im = im.convert("RGB")
-            im.thumbnail((side, side))
-            return im
+        im = open_upright(path, draft=side)
+        im.thumbnail((side, side))
+        return im
     except Exception as exc:  # noqa: BLE001 -- any undecodable file becomes a grey cell, never a crash
         log.debug("%s: no thumbnail (%s)", path, exc)
         return None

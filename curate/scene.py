@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
+from PIL import Image
 
-from curate.io import atomic_write_csv, safe_relpath
+from curate.io import atomic_write_csv, open_upright, safe_relpath
 
 log = logging.getLogger("curate.scene")
 
@@ -65,11 +65,9 @@ def _detectors():
 
 def thumbnail(path: Path, side: int = SIDE) -> np.ndarray:
     """The photo as displayed (EXIF orientation applied), RGB, longest side at most `side` pixels."""
-    with Image.open(path) as im:
-        im.draft("RGB", (side * 2, side * 2))  # JPEG DCT scaling: decode at a fraction of full size
-        im = ImageOps.exif_transpose(im).convert("RGB")
-        im.thumbnail((side, side), Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
+    im = open_upright(path, draft=side * 2)
+    im.thumbnail((side, side), Image.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
 
 
 def colourfulness(rgb: np.ndarray) -> float:

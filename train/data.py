@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
+from PIL import Image
 
-from curate.io import CurateError, atomic_save_npy, safe_relpath, sha256_of
+from curate.io import CurateError, atomic_save_npy, open_upright, safe_relpath, sha256_of
 
 log = logging.getLogger("curate.train")
 
@@ -130,11 +130,8 @@ def decode_image(path: str | os.PathLike, size: int) -> np.ndarray:
     `draft` asks the JPEG decoder for a 1/2, 1/4 or 1/8 scale decode no smaller than the target, which
     is several times faster than a full decode followed by a resize.
     """
-    with Image.open(path) as im:
-        im.draft("RGB", (size, size))
-        im = ImageOps.exif_transpose(im).convert("RGB")
-        im = im.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
+    im = open_upright(path, draft=size).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
 
 
 def _load_one(path: Path, sha: str | None, size: int, cache: Path) -> np.ndarray:
