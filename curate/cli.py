@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="representation: 'vit' (own ViT, K-fold; the offline default), "
                    "'keras:<keras.applications name>' (pretrained ImageNet weights), or 'features'")
     p.add_argument("--fast", action="store_true",
-                   help="cheap features and the scene detectors: about 1.5 minutes for 3,000 photos on 2 cores, "
+                   help="cheap features and the scene measures: about 1.5 minutes for 3,000 photos on 2 cores, "
                    "less accurate than the K-fold ViT")
     p.add_argument("--no-scene", action="store_true",
                    help="leave out the scene measures: faces, straight edges, depth of field, colour (q_people, "

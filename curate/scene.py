@@ -137,10 +137,10 @@ def measure(run_dir: Path, data_root: Path, manifest: pd.DataFrame, progress: bo
         try:
             return measure_photo(thumbnail(safe_relpath(data_root, fp)))
         except (OSError, ValueError) as exc:
-            log.warning("%s: cannot decode for the scene detectors (%s); measured as empty", fp, exc)
+            log.warning("%s: cannot decode for the scene measures (%s); measured as empty", fp, exc)
             return dict(NOTHING_FOUND)
 
-    bar = tqdm(total=len(todo), unit="img", desc="scene detectors", disable=not (progress and todo), leave=False)
+    bar = tqdm(total=len(todo), unit="img", desc="scene measures", disable=not (progress and todo), leave=False)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         for start in range(0, len(todo), CHUNK):
             chunk = todo[start:start + CHUNK]
