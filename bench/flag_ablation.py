@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         model = {n: comps[n] for n in ("vit_cleanlab", "vit_knn_perfold", "vit_cluster_perfold", "vit_maxprob",
                                        "features_cluster")}
         both = model | {n: comps[n] for n in scene_cols}
-        print("model components (weight 1 each) and scene measures, by each scene measure's weight as a "
-              "share of the model components' total:")
+        print("own score (before look-alikes): model components (weight 1 each) and scene measures, by each "
+              "scene measure's weight as a share of the model components' total:")
         for share in (0.0, 0.25, 0.5, 0.75, 1.0):
             w = {n: 1.0 for n in model} | {n: share * len(model) for n in scene_cols}
             print(f"  share {share:.2f}: AP {ap_of(L.combine(both, w)):.3f}")
@@ -106,6 +106,22 @@ def main(argv: list[str] | None = None) -> int:
         for left_out in scene_cols:
             w = {n: v for n, v in shipped.items() if n != left_out}
             print(f"  share 0.50 without {left_out}: AP {ap_of(L.combine(both, w)):.3f}")
+        # label_quality = (1 - share) x own score + share x mean own score of k same-folder look-alikes
+        own = L.combine(both, shipped)
+        spaces = {"cheap features": feats, "ViT fold embeddings": None}
+        print("the shipped own score blended with its look-alikes' (share 0 = own score alone):")
+        for space, e in spaces.items():
+            for k in (3, 5, 10):
+                if e is None:  # the K-fold ViT's embeddings are comparable only within a fold
+                    look = np.zeros(len(y))
+                    for f in np.unique(fold):
+                        rows = np.flatnonzero(fold == f)
+                        look[rows] = L.lookalike_quality(emb[rows], y[rows], own[rows], k)
+                else:
+                    look = L.lookalike_quality(e, y, own, k)
+                aps = "  ".join(f"{share:.2f}: {ap_of((1 - share) * own + share * look):.3f}"
+                                for share in (0.0, 0.25, 0.5, 0.75, 1.0))
+                print(f"  {space:<20} k={k:<3} share {aps}")
     return 0
 
 

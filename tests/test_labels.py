@@ -83,6 +83,30 @@ def test_score_keeps_embedding_spaces_apart():
     assert s["clusters"].groupby("label_index")["cluster"].apply(lambda c: c.is_unique).all()
 
 
+def test_lookalike_quality_is_the_mean_of_the_closest_photos_with_the_same_label():
+    # two classes at the same spot: look-alikes must come from the photo's own class only
+    emb = np.array([[1.0, 0.0], [1.0, 0.05], [1.0, 0.1], [0.0, 1.0], [1.0, 0.02], [1.0, 0.06], [5.0, 5.0]])
+    labels = np.array([0, 0, 0, 0, 1, 1, 2])
+    own = np.array([0.1, 0.2, 0.3, 0.9, 0.5, 0.7, 0.4])
+    q = L.lookalike_quality(emb, labels, own, k=2)
+    # photo 0's two closest class-0 photos are 1 and 2 (never itself); photo 3 is far from them all
+    np.testing.assert_allclose(q[:4], [0.25, 0.2, 0.15, 0.25], atol=1e-9)
+    np.testing.assert_allclose(q[4:6], [0.7, 0.5])  # a class of two: each other's look-alike
+    assert q[6] == 0.4  # alone in its class: keeps its own score
+
+
+def test_score_blends_own_score_and_lookalikes_by_the_configured_share():
+    emb, labels, foreign = _two_classes_with_a_foreign_group()
+    off = L.score(emb, labels, 2, {}, L.FlagConfig(knn_k=5, cluster_size=10, lookalikes=0))
+    on = L.score(emb, labels, 2, {}, L.FlagConfig(knn_k=5, cluster_size=10, lookalikes=3, lookalike_share=0.5))
+    np.testing.assert_allclose(off["lookalike_quality"], off["label_quality"])
+    own = off["label_quality"]
+    np.testing.assert_allclose(on["lookalike_quality"], L.lookalike_quality(emb, labels, own, 3))
+    np.testing.assert_allclose(on["label_quality"], 0.5 * own + 0.5 * on["lookalike_quality"])
+    # the coherent foreign group's members are each other's look-alikes: they stay at the bottom
+    assert set(np.argsort(on["label_quality"])[:6]) == set(foreign)
+
+
 def _scanned_run(dataset: Path, run: Path, error_file: str | None = None) -> Path:
     files = sorted(p.relative_to(dataset).as_posix() for p in dataset.glob("*/*.jpg"))
     df = pd.DataFrame({"filepath": files, "label": [f.split("/")[0] for f in files], "flags": "", "error": ""})
@@ -127,6 +151,15 @@ def test_flag_fast_end_to_end_on_real_photos(small_dataset, tmp_path):
     first = df["flags"].tolist()
     L.flag(run, folds=3, fast=True, progress=False)
     assert read_manifest(run / "manifest.csv")["flags"].tolist() == first
+
+    # label_quality is half the photo's own score, half its look-alikes' (lookalike_quality)
+    assert scored["lookalike_quality"].between(0, 1).all()
+    L.flag(run, folds=3, fast=True, progress=False, config=L.FlagConfig(lookalikes=0))
+    alone = read_manifest(run / "manifest.csv")
+    alone = alone[alone["error"] == ""]
+    np.testing.assert_allclose(alone["label_quality"], 2 * scored["label_quality"] - scored["lookalike_quality"],
+                               atol=5e-5)
+    assert not np.allclose(alone["label_quality"], scored["label_quality"])
 
 
 def test_flag_usage_errors(small_dataset, tmp_path):
