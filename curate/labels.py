@@ -69,7 +69,7 @@ class FlagConfig:
     cluster_size: int = 25  # about one within-class cluster per this many photos
     # the model-based components weigh equally; each scene measure (curate.scene) weighs half as much as
     # all of them: bench/flag_eval.py measured AP 0.17 without them, 0.26 with faces and edges, 0.30 with
-    # depth of field, ~0.37 with colour too
+    # depth of field, ~0.37 with colour too, 0.39 with edges only within the frame (before look-alikes)
     weights: dict[str, float] = field(default_factory=lambda: {
         "q_cleanlab": 1.0, "q_knn": 1.0, "q_cluster": 1.0, "q_confidence": 1.0, "q_features": 1.0,
         "q_people": 2.5, "q_structure": 2.5, "q_focus": 2.5, "q_colour": 2.5})

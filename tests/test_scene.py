@@ -42,6 +42,30 @@ def test_straight_edges_are_high_for_a_built_grid_and_low_for_real_flower_photos
     assert scene.measure_photo(tilted)["straight_edges"] < built["straight_edges"] / 3
 
 
+def test_share_inside_clips_segments_to_the_box():
+    segments = np.array([[0, 5, 10, 5],  # crosses the box: 8 of its 10 units inside
+                         [2, 2, 8, 2],  # wholly inside
+                         [20, 20, 30, 30],  # wholly outside
+                         [-1, 5, -1, 6]])  # vertical, left of the box
+    np.testing.assert_allclose(scene.share_inside(segments, 1, 9, 1, 9), [0.8, 1.0, 0.0, 0.0])
+
+
+def test_a_frame_around_a_flower_photo_is_not_structure(monkeypatch):
+    for photo in real_photos(2, ["roses", "sunflowers"]):
+        thumb = scene.thumbnail(photo)
+        h, w = thumb.shape[:2]
+        # a passe-partout: a white mat 8% wide with a thin dark line around the photo
+        pad = int(0.08 * max(h, w))
+        framed = np.full((h + 2 * pad, w + 2 * pad, 3), 245, np.uint8)
+        framed[pad - 4:h + pad + 4, pad - 4:w + pad + 4] = 20
+        framed[pad:h + pad, pad:w + pad] = thumb
+        plain = scene.measure_photo(thumb)["straight_edges"]
+        assert scene.measure_photo(framed)["straight_edges"] < plain + 0.5
+        monkeypatch.setattr(scene, "EDGE_MARGIN", 0.0)  # the whole frame measured: the mat's edges count
+        assert scene.measure_photo(framed)["straight_edges"] > plain + 2
+        monkeypatch.undo()
+
+
 def test_a_photo_smaller_than_the_face_window_measures_empty():
     assert scene.measure_photo(np.zeros((10, 500), np.uint8)) == {"faces": 0, "face_area": 0.0,
                                                                     "straight_edges": 0.0, "in_focus": 0.0,
@@ -100,6 +124,13 @@ def test_measure_caches_by_path_and_hash_and_measures_only_what_changed(tmp_path
     pd.testing.assert_frame_equal(scene.measure(tmp_path, SHARED, m).drop(index=1),
                                   first.drop(index=1))
     assert len(calls) == len(m)
+
+    # values cached by an earlier definition of the measures are measured again, not reused
+    calls.clear()
+    monkeypatch.setattr(scene, "MEASURES_VERSION", scene.MEASURES_VERSION + 1)
+    scene.measure(tmp_path, SHARED, m)
+    assert len(calls) == len(m)
+    assert pd.read_csv(cache)["key"].str.endswith(f"|v{scene.MEASURES_VERSION}").all()
 
 
 def test_an_interrupted_measure_keeps_the_chunks_it_finished(tmp_path, monkeypatch):
