@@ -10,7 +10,7 @@ Three views of "this photo does not belong to its folder", each its own column (
 With trained models (the K-fold ViT) two more: `q_confidence`, the out-of-fold highest class probability
 (low when a photo looks like none of the classes), and `q_features`, `q_cluster` computed on the cheap
 features instead (a second, independent representation; bench/flag_ablation.py measured that adding it
-helps). Three label-free components come from OpenCV measures (curate.scene): `q_people` (a large
+helps). Four label-free components come from OpenCV measures (curate.scene): `q_people` (a large
 face, by the pretrained cascade that ships with OpenCV), `q_structure` (long straight horizontal/vertical
 edges), `q_focus` (sharp across the frame rather than a close-up's shallow depth of field) and `q_colour`
 (less colourful than the class's other photos), which catch coherent off-class groups the models learn as
@@ -304,9 +304,8 @@ def score(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, oof_probs:
     preds = {name: p.argmax(1) for name, p in probs_by_model.items()}
     disagreeing = np.sum([pr != labels for pr in preds.values()], axis=0)
     return {"label_quality": quality, "lookalike_quality": lookalike, **components, "issues": issues,
-            "mean_probs": mean_probs,
-            "cluster": cluster_id, "clusters": clusters, "preds": preds, "models_disagreeing": disagreeing,
-            "centre_z": centre_z}
+            "mean_probs": mean_probs, "cluster": cluster_id, "clusters": clusters, "preds": preds,
+            "models_disagreeing": disagreeing, "centre_z": centre_z}
 
 
 def choose_flags(s: dict, cfg: FlagConfig) -> tuple[np.ndarray, np.ndarray]:
