@@ -51,7 +51,7 @@ SCENE_COMPONENTS = ["q_people", "q_structure", "q_focus", "q_colour"]  # their l
 FOCUS_GRID = 8  # in_focus compares the sharpness of 8 x 8 tiles of the photo
 SIDE = 320  # longest side of the measured thumbnail
 CHUNK = 500  # photos measured between two saves of the cache
-EDGE_MARGIN = 0.1  # straight_edges ignores segments reaching into this share of the frame at any side
+EDGE_MARGIN = 0.1  # straight_edges counts a segment only where it is at least this share of the frame from every side
 # part of every cache key: bump it when a measure's definition changes, so old values are measured again
 MEASURES_VERSION = 2
 _local = threading.local()
