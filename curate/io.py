@@ -130,7 +130,9 @@ def read_json(path: str | os.PathLike) -> Any:
 def run_lock(run_dir: str | os.PathLike, stage: str) -> Iterator[None]:
     """Hold an exclusive lock on `run_dir` so two runs never write the same outputs.
 
-    The lock is an OS-level `flock`, so a killed process releases it automatically.
+    The lock is an OS-level `flock`, so a killed process releases it automatically. A writer killed
+    mid-write (SIGKILL, power loss) leaves its atomic_path temporary file behind; whoever takes the lock
+    next removes them, since no other writer can be at work in the folder.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -150,6 +152,8 @@ def run_lock(run_dir: str | os.PathLike, stage: str) -> Iterator[None]:
         f.truncate()
         f.write(f"curate {stage}, pid {os.getpid()}")
         f.flush()
+        for stale in run_dir.rglob(".*.tmp"):  # atomic_path's naming: .<name>.<random>.tmp
+            stale.unlink(missing_ok=True)
         yield
     finally:
         f.close()

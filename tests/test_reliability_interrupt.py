@@ -102,12 +102,17 @@ def _interrupt(proc: subprocess.Popen, sig: int) -> tuple[int, str, list[int]]:
     return proc.returncode, err, [c.pid for c in alive]
 
 
-def _assert_no_partial_outputs(run: Path, before: dict) -> None:
-    """Outputs are the previous complete ones (or absent); no temporary file is left behind."""
+def _leftovers(run: Path) -> list[str]:
+    return [p.name for p in run.rglob("*") if p.name.endswith(".tmp")]
+
+
+def _assert_no_partial_outputs(run: Path, before: dict, sig: int = signal.SIGINT) -> None:
+    """Outputs are the previous complete ones (or absent); after SIGINT no temporary file is left behind
+    (a SIGKILL that lands mid-write cannot clean up: the next run removes its file, see the reruns)."""
     after = {k: v for k, v in tree_fingerprint(run).items() if k in OUTPUTS}
     assert after == {k: v for k, v in before.items() if k in OUTPUTS}
-    leftovers = [p.name for p in run.rglob("*") if p.name.endswith(".tmp")]
-    assert leftovers == [], leftovers
+    if sig == signal.SIGINT:
+        assert _leftovers(run) == []
 
 
 @pytest.fixture(scope="module")
@@ -141,11 +146,12 @@ def test_interrupted_scan_leaves_no_partial_output_and_the_rerun_matches(big_dat
         assert "Traceback" not in err
     else:
         assert rc == -signal.SIGKILL
-    _assert_no_partial_outputs(run, {})  # a first scan killed mid-run: no manifest at all
+    _assert_no_partial_outputs(run, {}, sig)  # a first scan killed mid-run: no manifest at all
     assert tree_fingerprint(big_dataset) == data_before
 
     rc, _, err = run_cli(["scan", str(big_dataset), "--out", str(run), "--workers", "2", "-q"])
     assert rc == 0, err
+    assert _leftovers(run) == []
     for name in ("manifest.csv", "duplicates.csv"):
         assert (run / name).read_bytes() == (reference["run"] / name).read_bytes(), name
     info = json.loads((run / "scan.json").read_text())
@@ -178,12 +184,27 @@ def test_interrupted_flag_keeps_the_scan_manifest_and_the_rerun_matches(referenc
         assert rc == 130 and "interrupted" in err and "Traceback" not in err, (rc, err[-2000:])
     else:
         assert rc == -signal.SIGKILL
-    _assert_no_partial_outputs(run, before)  # manifest.csv is still the scan's, no flag output half-written
+    _assert_no_partial_outputs(run, before, sig)  # manifest.csv is still the scan's, no flag output half-written
 
     rc, _, err = run_cli(["flag", "--run", str(run), "--fast", "-q"])
     assert rc == 0, err
+    assert _leftovers(run) == []
     for name in ("manifest.csv", "clusters.csv"):
         assert (run / name).read_bytes() == (reference["flagged"] / name).read_bytes(), name
+
+
+def test_taking_the_lock_removes_temporary_files_a_killed_writer_left(reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference["run"], run)
+    (run / "cache").mkdir(exist_ok=True)
+    # what curate.io.atomic_path leaves when SIGKILL lands mid-write
+    (run / ".manifest.csv.k3j2x_.tmp").write_text("half a manifest")
+    (run / "cache" / ".scan_cache.json.a1b2c3.tmp").write_text("{")
+    (run / "notes.tmp").write_text("not ours")  # not atomic_path's naming: left alone
+    before = (run / "manifest.csv").read_bytes()
+    with run_lock(run, "test"):
+        assert _leftovers(run) == ["notes.tmp"]
+    assert (run / "manifest.csv").read_bytes() == before
 
 
 # ------------------------------------------------------------------ concurrent runs
