@@ -65,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cheap features and the scene measures: about 1.5 minutes for 3,000 photos on 2 cores, "
                    "less accurate than the K-fold ViT")
     p.add_argument("--no-scene", action="store_true",
-                   help="leave out the scene measures: faces, straight edges, depth of field, colour (q_people, "
-                   "q_structure, q_focus, q_colour): for datasets whose classes are people, man-made objects "
-                   "or not colourful close-ups")
+                   help="leave out the scene measures: people, straight edges, depth of field, colour "
+                   "(q_face, q_body, q_structure, q_focus, q_colour): for datasets whose classes are "
+                   "people, man-made objects or not colourful close-ups")
     _add_common(p)
 
     p = sub.add_parser("app", help="build the FiftyOne dataset and its saved views; launch the App")

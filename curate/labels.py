@@ -10,10 +10,11 @@ Three views of "this photo does not belong to its folder", each its own column (
 With trained models (the K-fold ViT) two more: `q_confidence`, the out-of-fold highest class probability
 (low when a photo looks like none of the classes), and `q_features`, `q_cluster` computed on the cheap
 features instead (a second, independent representation; bench/flag_ablation.py measured that adding it
-helps). Four label-free components come from OpenCV measures (curate.scene): `q_people` (a large
-face, by the pretrained cascade that ships with OpenCV), `q_structure` (long straight horizontal/vertical
-edges), `q_focus` (sharp across the frame rather than a close-up's shallow depth of field) and `q_colour`
-(less colourful than the class's other photos), which catch coherent off-class groups the models learn as
+helps). Five label-free components come from the scene measures (curate.scene): `q_face` and `q_body` (a
+face or a person found by MediaPipe's small pretrained detectors, bundled: curate.people), `q_structure`
+(long straight horizontal/vertical edges), `q_focus` (sharp across the frame rather than a close-up's
+shallow depth of field) and `q_colour` (less colourful than the class's other photos), which catch
+coherent off-class groups the models learn as
 the class (portraits, parades, buildings, landscapes).
 All are combined by a weighted mean of their within-run percentile ranks into the photo's own score,
 and `label_quality` (0..1) is half that and half `lookalike_quality`, the mean own score of its five
@@ -58,6 +59,7 @@ log = logging.getLogger("curate.labels")
 FLAG_COLUMNS = ["label_quality", "lookalike_quality", "q_cleanlab", "q_knn", "q_cluster", "q_confidence",
                 "q_features", *SCENE_COMPONENTS, *SCENE_COLUMNS, "suggested_label", "cluster",
                 "models_disagreeing"]
+RETIRED_COLUMNS = ["faces", "face_area"]  # the Haar cascade's measures, replaced by curate.people
 
 
 @dataclass
@@ -69,19 +71,21 @@ class FlagConfig:
     cluster_size: int = 25  # about one within-class cluster per this many photos
     # the model-based components weigh equally; each scene measure (curate.scene) weighs half as much as
     # all of them: bench/flag_eval.py measured AP 0.17 without them, 0.26 with faces and edges, 0.30 with
-    # depth of field, ~0.37 with colour too, 0.39 with edges only within the frame (before look-alikes)
+    # depth of field, ~0.37 with colour too, 0.39 with edges only within the frame (before look-alikes).
+    # The two person detectors weigh 1.4 times as much (label_quality AP at 2.5/3.5/5: .536/.548/.553)
     weights: dict[str, float] = field(default_factory=lambda: {
         "q_cleanlab": 1.0, "q_knn": 1.0, "q_cluster": 1.0, "q_confidence": 1.0, "q_features": 1.0,
-        "q_people": 2.5, "q_structure": 2.5, "q_focus": 2.5, "q_colour": 2.5})
+        "q_face": 3.5, "q_body": 3.5, "q_structure": 2.5, "q_focus": 2.5, "q_colour": 2.5})
     # --fast: the cheap features' label disagreement (q_cleanlab, q_knn) ranks the audited off-class photos
     # at chance (bench/flag_eval.py: AP 0.078, base rate 0.066); only their within-class clusters carry signal
     # each scene measure weighs half as much as q_cluster here too (AP 0.131 without them, 0.222 with faces
-    # and edges, ~0.35 with all four)
+    # and edges, ~0.35 with all four), the person detectors 1.4 times that (AP at 0.5/0.7/1.0: .472/.484/.493)
     fast_weights: dict[str, float] = field(default_factory=lambda: {
-        "q_cluster": 1.0, "q_people": 0.5, "q_structure": 0.5, "q_focus": 0.5, "q_colour": 0.5})
+        "q_cluster": 1.0, "q_face": 0.7, "q_body": 0.7, "q_structure": 0.5, "q_focus": 0.5,
+        "q_colour": 0.5})
     lookalikes: int = 5  # label_quality shares this many same-folder look-alikes' scores; 0 = off
     lookalike_share: float = 0.5  # their mean's share of label_quality (the photo's own score the rest)
-    scene: bool = True  # measure faces, straight edges, depth of field and colour (curate.scene)
+    scene: bool = True  # measure people, straight edges, depth of field and colour (curate.scene)
     outlier_z: float = 3.5  # robust z of the distance to the nearest class centre
     max_off_class_fraction: float = 0.2  # never flag more than this share of a run as off_class
     image_size: int = 96  # decode size of the cheap features
@@ -396,7 +400,8 @@ def _write_outputs(run_dir: Path, df: pd.DataFrame, ok: np.ndarray, good: pd.Dat
         return out
 
     out = df.copy()
-    old = [c for c in out.columns if c in FLAG_COLUMNS or c.startswith("pred_")]
+    # flag owns the q_* and pred_* columns, and replaces what an earlier version of it wrote
+    old = [c for c in out.columns if c in FLAG_COLUMNS or c in RETIRED_COLUMNS or c.startswith(("pred_", "q_"))]
     out = out.drop(columns=old)
     for col in ["label_quality", "lookalike_quality"] + [c for c in s if c.startswith("q_")]:
         out[col] = full(np.round(s[col], 5).astype(float))

@@ -118,7 +118,8 @@ def run(data: str | os.PathLike = "flower_photos", source: str | os.PathLike | N
     """Fetch (if DATA is missing), scan, flag, export, compare (unless `compare=False`) and report.
 
     `epochs` overrides the compare preset's number of epochs (None: the preset's own); `scene=False`
-    flags without the scene measures (faces, straight edges, depth of field, colour; `curate flag --no-scene`).
+    flags without the scene measures (people, straight edges, depth of field, colour;
+    `curate flag --no-scene`).
 
     Returns the report's path (`<run>/index.html`).
     """

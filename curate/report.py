@@ -470,8 +470,8 @@ def section_off_class(art: RunArtifacts, thumbs: Thumbnails) -> str:
             rows, intro = lowest, intro + " The 20 lowest label-quality scores, for a look:"
     rows = rows.assign(_q=q[rows.index]).sort_values(["_q", "filepath"])
     removed = art.removed.set_index("filepath")["reason"] if art.removed is not None else None
-    score_cols = [c for c in ("label_quality", "lookalike_quality", "q_cleanlab", "q_knn", "q_cluster", "faces",
-                                "straight_edges", "in_focus", "colourfulness")
+    score_cols = [c for c in ("label_quality", "lookalike_quality", "q_cleanlab", "q_knn", "q_cluster",
+                                "face_score", "body_score", "straight_edges", "in_focus", "colourfulness")
                   if c in m.columns]
     head = "".join(f"<th>{c}</th>" for c in ["photo", "file", "label", *score_cols, "suggested", "cluster", "export"])
     body = []
@@ -487,7 +487,8 @@ def section_off_class(art: RunArtifacts, thumbs: Thumbnails) -> str:
                     f"<td>{html.escape(str(r.get('cluster', '')))}</td><td>{decision}</td></tr>")
     more = f"<p>… {len(rows) - MAX_OFF_CLASS} more in the manifest.</p>" if len(rows) > MAX_OFF_CLASS else ""
     table = f"<table><tr>{head}</tr>{''.join(body)}</table>" if body else ""
-    legend = ("Scores: 0..1, low = suspicious; faces, straight_edges, in_focus (share of the frame "
+    legend = ("Scores: 0..1, low = suspicious; face_score and body_score (a face or a person found, 0..1), "
+              "straight_edges, in_focus (share of the frame "
               "in focus) and colourfulness are what the scene measures found.")
     return f"<p>{intro} {legend}</p>{table}{more}{section_clusters(art)}"
 

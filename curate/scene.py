@@ -1,10 +1,12 @@
-"""What else is in a photo: people, man-made structure, depth of field and colour, measured with OpenCV.
+"""What else is in a photo: people, man-made structure, depth of field and colour, measured offline.
 
 A model trained from scratch on the folder labels learns a coherent off-class group (parade bands in
 roses/, windmills in tulips/, portraits in sunflowers/) as part of the class, so its disagreement misses
-them. Four offline measures do not depend on the labels:
-- `faces`, `face_area`: OpenCV's frontal-face Haar cascade (shipped in opencv-python-headless, no
-  download). A photo dominated by a face is rarely a photo of the class's object.
+them. These measures do not depend on the labels:
+- `face_score`, `body_score`: the most confident face and person found by two small pretrained
+  detectors of MediaPipe's, bundled with curate (curate.people). A photo of a person is rarely a photo
+  of the class's object. They replaced OpenCV's frontal-face Haar cascade, which finds only large
+  frontal faces and took longer than both (25 vs 19 ms per photo).
 - `straight_edges`: total length of long, near-horizontal or near-vertical line segments (OpenCV's
   line segment detector) within the central 80% of the frame, relative to the photo's diagonal:
   buildings, interiors, vehicles, fences. The outer tenth at each side is cut off: a frame, a border or
@@ -17,10 +19,11 @@ them. Four offline measures do not depend on the labels:
   (white daisies, yellow dandelions): a photo much greyer than its class's photos (a street, a portrait,
   a black-and-white wedding) rarely shows its flowers.
 
-They become four label_quality components, `q_people`, `q_structure`, `q_focus` and `q_colour` (low =
-suspicious). bench/flag_eval.py measured them on the hand audit: alone AP 0.10, 0.20, 0.09 and 0.14
-(base rate 0.066); with the model components AP 0.17 -> 0.26 (faces, edges) -> 0.30 (depth of field)
--> ~0.37 (colour) -> 0.39 (edges only within the frame), before look-alikes (curate.labels). They
+They become five label_quality components, `q_face`, `q_body`, `q_structure`, `q_focus` and `q_colour`
+(low = suspicious). bench/flag_eval.py measured them on the hand audit: alone AP 0.21, 0.20, 0.20, 0.09
+and 0.14 (base rate 0.066); with the model components AP 0.17 -> 0.26 (Haar faces, edges) -> 0.30 (depth
+of field) -> ~0.37 (colour) -> 0.39 (edges only within the frame), before look-alikes (curate.labels);
+with look-alikes 0.477, and 0.548 with the two person detectors in place of the cascade. They
 encode an assumption, that the classes are colourful natural objects photographed close up, and that
 people, straight man-made edges, deep focus and grey scenes are not what the folders are about; for a
 dataset where they are (parts on a production line), leave them out: `curate flag --no-scene`.
@@ -41,31 +44,33 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from curate import people
 from curate.io import atomic_write_csv, open_upright, safe_relpath
 
 log = logging.getLogger("curate.scene")
 
-SCENE_COLUMNS = ["faces", "face_area", "straight_edges", "in_focus", "colourfulness"]
-NOTHING_FOUND = {"faces": 0, "face_area": 0.0, "straight_edges": 0.0, "in_focus": 0.0, "colourfulness": 0.0}
-SCENE_COMPONENTS = ["q_people", "q_structure", "q_focus", "q_colour"]  # their label_quality components
+SCENE_COLUMNS = ["face_score", "body_score", "straight_edges", "in_focus", "colourfulness"]
+NOTHING_FOUND = {"face_score": 0.0, "body_score": 0.0, "straight_edges": 0.0, "in_focus": 0.0, "colourfulness": 0.0}
+SCENE_COMPONENTS = ["q_face", "q_body", "q_structure", "q_focus", "q_colour"]  # their label_quality components
 FOCUS_GRID = 8  # in_focus compares the sharpness of 8 x 8 tiles of the photo
 SIDE = 320  # longest side of the measured thumbnail
 CHUNK = 500  # photos measured between two saves of the cache
+# a detector's score counts from here up; below it, petals and seed heads pass for faces at low confidence
+# and the score only adds noise (bench/flag_eval.py, label_quality AP at 0.5/0.6/0.7/0.8: .516/.526/.538/.535)
+PERSON_THRESHOLD = 0.7
 EDGE_MARGIN = 0.1  # straight_edges counts a segment only where it is at least this share of the frame from every side
 # part of every cache key: bump it when a measure's definition changes, so old values are measured again
-MEASURES_VERSION = 2
+MEASURES_VERSION = 3
 _local = threading.local()
 
 
-def _detectors():
-    """One cascade and one line detector per thread: OpenCV does not promise they are thread-safe."""
+def _line_detector():
+    """One line detector per thread: OpenCV does not promise it is thread-safe."""
     import cv2
 
-    if not hasattr(_local, "faces"):
-        _local.faces = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades,
-                                                          "haarcascade_frontalface_default.xml"))
+    if not hasattr(_local, "lines"):
         _local.lines = cv2.createLineSegmentDetector()
-    return _local.faces, _local.lines
+    return _local.lines
 
 
 def thumbnail(path: Path, side: int = SIDE) -> np.ndarray:
@@ -100,24 +105,23 @@ def share_inside(segments: np.ndarray, x0: float, x1: float, y0: float, y1: floa
 
 
 def measure_photo(image: np.ndarray) -> dict[str, float]:
-    """faces (count), face_area (largest face / photo area), straight_edges (long h/v lines / diagonal),
+    """face_score and body_score (the most confident face and person, 0..1, curate.people; 0 when no
+    TFLite interpreter is installed), straight_edges (long h/v lines / diagonal),
     in_focus (median tile sharpness / sharpest tile's, 0..1), colourfulness (0 for a grey image).
 
     `image`: H x W x 3 RGB or H x W grey (uint8)."""
     import cv2
 
-    faces, lines = _detectors()
+    lines = _line_detector()
     grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
     h, w = grey.shape
     out = dict(NOTHING_FOUND)
     if image.ndim == 3:
         out["colourfulness"] = colourfulness(image)
-    if min(h, w) < 24:  # smaller than the cascade's window: nothing to find
+    if min(h, w) < 24:  # too small to show a person or a scene: nothing to find
         return out
-    # minNeighbors 8: a strict cascade; at the default 3 petals and seed heads pass for faces
-    found = faces.detectMultiScale(cv2.equalizeHist(grey), scaleFactor=1.15, minNeighbors=8, minSize=(20, 20))
-    out["faces"] = len(found)
-    out["face_area"] = float(max((fw * fh for _, _, fw, fh in found), default=0)) / (h * w)
+    if people.available():
+        out.update(people.person_scores(image if image.ndim == 3 else np.dstack([image] * 3)))
     segs = lines.detect(grey)[0]
     if segs is not None:
         s = segs.reshape(-1, 4)
@@ -142,19 +146,24 @@ def measure_photo(image: np.ndarray) -> dict[str, float]:
 def measure(run_dir: Path, data_root: Path, manifest: pd.DataFrame, progress: bool = False) -> pd.DataFrame:
     """SCENE_COLUMNS for every row of `manifest` (its order), from the cache where the file is unchanged.
 
-    A photo that cannot be decoded is logged by name and measured as empty (no faces, no edges); rows
+    A photo that cannot be decoded is logged by name and measured as empty (no people, no edges); rows
     with a scan `error` are left unscored by the caller anyway.
     """
     from tqdm import tqdm
 
     cache_path = Path(run_dir) / "cache" / "scene.csv"
+    # values measured without the person detectors are kept apart from values measured with them
+    version = f"|v{MEASURES_VERSION}" + ("" if people.available() else "-nopeople")
+    if not people.available():
+        log.warning("no TFLite interpreter (tensorflow or ai_edge_litert): face_score and body_score "
+                    "are not measured")
     key = manifest["filepath"].astype(str) + "|" + (
-        manifest["sha256"].astype(str) if "sha256" in manifest.columns else "") + f"|v{MEASURES_VERSION}"
+        manifest["sha256"].astype(str) if "sha256" in manifest.columns else "") + version
     cached = pd.read_csv(cache_path, keep_default_na=False) if cache_path.exists() else pd.DataFrame()
     if not set(SCENE_COLUMNS) <= set(cached.columns):  # no cache, or written before a measure was added
         cached = pd.DataFrame(columns=["key", *SCENE_COLUMNS])
     # values measured by an earlier definition of the measures are dropped, not reused
-    cached = cached[cached["key"].astype(str).str.endswith(f"|v{MEASURES_VERSION}")]
+    cached = cached[cached["key"].astype(str).str.endswith(version)]
     known = dict(zip(cached["key"], cached[SCENE_COLUMNS].to_dict("records"), strict=True))
     todo = [i for i, k in enumerate(key) if k not in known]
 
@@ -176,17 +185,22 @@ def measure(run_dir: Path, data_root: Path, manifest: pd.DataFrame, progress: bo
             # saved after each chunk: an interrupted run keeps what it measured
             atomic_write_csv(cache_path, pd.DataFrame([{"key": k, **v} for k, v in known.items()]))
     bar.close()
-    out = pd.DataFrame([known[k] for k in key], columns=SCENE_COLUMNS)
-    out["faces"] = out["faces"].astype(int)
-    return out
+    return pd.DataFrame([known[k] for k in key], columns=SCENE_COLUMNS)
 
 
 def scene_quality(measures: pd.DataFrame, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """SCENE_COMPONENTS, low = more suspicious: q_people (a larger face), q_structure (more straight
-    edges), q_focus (more of the frame in focus), q_colour (colourfulness as a percentile rank within the
-    photo's class, `labels`: less colourful than the class's other photos)."""
+    """SCENE_COMPONENTS, low = more suspicious: q_face and q_body (a more confident face or person
+    detection, from PERSON_THRESHOLD up; all below it score alike),
+    q_structure (more straight edges), q_focus (more of the frame in focus), q_colour (colourfulness as a
+    percentile rank within the photo's class, `labels`: less colourful than the class's other photos)."""
     colour = pd.Series(measures["colourfulness"].to_numpy(dtype=float))
-    return {"q_people": -measures["face_area"].to_numpy(dtype=float),
+
+    def detected(col: str) -> np.ndarray:
+        score = measures[col].to_numpy(dtype=float)
+        return np.where(score >= PERSON_THRESHOLD, score, 0.0)
+
+    return {"q_face": -detected("face_score"),
+            "q_body": -detected("body_score"),
             "q_structure": -measures["straight_edges"].to_numpy(dtype=float),
             "q_focus": -measures["in_focus"].to_numpy(dtype=float),
             "q_colour": colour.groupby(np.asarray(labels)).rank(pct=True).to_numpy()}

@@ -178,9 +178,9 @@ def test_flag_with_a_tiny_kfold_vit_writes_its_out_of_fold_outputs(small_dataset
     run = _scanned_run(small_dataset, tmp_path / "run")
     L.flag(run, folds=2, embeddings="vit", progress=False, config=L.FlagConfig(vit=TINY_VIT, group_size=3))
     df = read_manifest(run / "manifest.csv")
-    for col in ["q_cleanlab", "q_knn", "q_cluster", "q_confidence", "q_features", "q_people", "q_structure",
-                "q_focus", "q_colour", "faces", "face_area", "straight_edges", "in_focus", "colourfulness",
-                "pred_vit"]:
+    for col in ["q_cleanlab", "q_knn", "q_cluster", "q_confidence", "q_features", "q_face", "q_body", "q_structure",
+                "q_focus", "q_colour", "face_score", "body_score",
+                "straight_edges", "in_focus", "colourfulness", "pred_vit"]:
         assert df[col].notna().all(), col
     assert (df["q_structure"] == -df["straight_edges"]).all()  # the detector's measure, sign flipped
     assert (df["q_focus"] == -df["in_focus"]).all() and df["in_focus"].between(0, 1).all()
@@ -195,7 +195,7 @@ def test_flag_with_a_tiny_kfold_vit_writes_its_out_of_fold_outputs(small_dataset
     L.flag(run, folds=2, embeddings="vit", progress=False,
            config=L.FlagConfig(vit=TINY_VIT, group_size=3, scene=False))
     plain = read_manifest(run / "manifest.csv")
-    assert not {"q_people", "q_structure", "q_focus", "q_colour", "faces", "straight_edges", "in_focus",
-                "colourfulness"} & set(plain.columns)
+    assert not {"q_face", "q_body", "q_structure", "q_focus", "q_colour", "face_score", "body_score",
+                "straight_edges", "in_focus", "colourfulness"} & set(plain.columns)
     assert (plain["q_cleanlab"] == df["q_cleanlab"]).all()
     assert not np.allclose(plain["label_quality"], df["label_quality"])

@@ -76,10 +76,10 @@ def test_skip_compare_still_reports(small_dataset: Path, capsys):
     lines = _stage_lines(capsys.readouterr().err)
     assert "compare" not in lines and lines["report"] == "ran"
     assert "No before/after training yet" in Path("r/index.html").read_text()
-    assert "q_people" in Path("r/manifest.csv").read_text().splitlines()[0]
+    assert "q_face" in Path("r/manifest.csv").read_text().splitlines()[0]
 
     # --no-scene changes the flag recipe: flag runs again without the detectors, and what follows it too
     assert cli.main(["run", str(small_dataset), "--fast", "--skip-compare", "--out", "r", "--no-scene"]) == 0
     lines = _stage_lines(capsys.readouterr().err)
     assert lines["scan"] == "skipped" and lines["flag"] == "ran" and lines["report"] == "ran"
-    assert "q_people" not in Path("r/manifest.csv").read_text().splitlines()[0]
+    assert "q_face" not in Path("r/manifest.csv").read_text().splitlines()[0]

@@ -1,4 +1,4 @@
-"""curate.scene: the face, straight-edge, depth-of-field and colour measures on real photos, and their cache."""
+"""curate.scene: the face, person, straight-edge, depth-of-field and colour measures on real photos, and their cache."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_straight_edges_are_high_for_a_built_grid_and_low_for_real_flower_photos
     grid[:, ::40] = 30
     built = scene.measure_photo(grid)
     assert built["straight_edges"] > 5 * max(max(flowers), 0.1)
-    assert built["faces"] == 0 and built["face_area"] == 0.0
+    assert built["face_score"] < scene.PERSON_THRESHOLD and built["body_score"] < scene.PERSON_THRESHOLD
     tilted = np.array(Image.fromarray(grid).rotate(30, fillcolor=200))  # diagonal lines are not counted
     assert scene.measure_photo(tilted)["straight_edges"] < built["straight_edges"] / 3
 
@@ -67,9 +67,8 @@ def test_a_frame_around_a_flower_photo_is_not_structure(monkeypatch):
 
 
 def test_a_photo_smaller_than_the_face_window_measures_empty():
-    assert scene.measure_photo(np.zeros((10, 500), np.uint8)) == {"faces": 0, "face_area": 0.0,
-                                                                    "straight_edges": 0.0, "in_focus": 0.0,
-                                                                    "colourfulness": 0.0}
+    assert scene.measure_photo(np.zeros((10, 500), np.uint8)) == scene.NOTHING_FOUND
+    assert set(scene.NOTHING_FOUND) == set(scene.SCENE_COLUMNS) and not any(scene.NOTHING_FOUND.values())
 
 
 def test_in_focus_is_high_when_the_whole_frame_is_sharp_and_low_for_a_shallow_depth_of_field():
@@ -161,17 +160,17 @@ def test_an_unreadable_photo_is_named_and_measured_empty(tmp_path, caplog):
     m = pd.DataFrame({"filepath": ["roses/broken.jpg"], "sha256": ["x"]})
     with caplog.at_level(logging.WARNING, logger="curate.scene"):
         out = scene.measure(tmp_path / "run", root, m)
-    assert out.iloc[0].tolist() == [0, 0.0, 0.0, 0.0, 0.0]
+    assert out.iloc[0].tolist() == [0] * len(scene.SCENE_COLUMNS)
     assert "roses/broken.jpg" in caplog.text and "cannot decode" in caplog.text
 
 
-def test_scene_quality_is_lower_for_more_face_more_edges_more_in_focus_and_less_colour_than_the_class():
-    measures = pd.DataFrame({"faces": [0, 1, 0, 0], "face_area": [0.0, 0.2, 0.0, 0.0],
+def test_scene_quality_is_lower_for_a_person_more_edges_more_in_focus_and_less_colour_than_the_class():
+    measures = pd.DataFrame({"face_score": [0.1, 0.9, 0.1, 0.1], "body_score": [0.2, 0.8, 0.2, 0.2],
                              "straight_edges": [0.1, 3.0, 0.1, 0.1], "in_focus": [0.1, 0.8, 0.1, 0.1],
                              "colourfulness": [80.0, 40.0, 20.0, 10.0]})
     q = scene.scene_quality(measures, labels=np.array([0, 0, 1, 1]))
     assert list(q) == scene.SCENE_COMPONENTS
-    assert q["q_people"][1] < q["q_people"][0]
+    assert q["q_face"][1] < q["q_face"][0] and q["q_body"][1] < q["q_body"][0]
     assert q["q_structure"][1] < q["q_structure"][0]
     assert q["q_focus"][1] < q["q_focus"][0]
     # colour is ranked within each class: 20 is the colourful one of class 1, though greyer than class 0's 40
