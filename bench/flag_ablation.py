@@ -27,7 +27,7 @@ from flag_eval import AUDIT, load_audit, ranking_scores  # noqa: E402
 from curate import embed  # noqa: E402
 from curate import labels as L  # noqa: E402
 from curate.io import data_root_of, read_manifest  # noqa: E402
-from curate.scene import SCENE_COMPONENTS  # noqa: E402
+from curate.scene import SCENE_COMPONENTS, scene_quality  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,12 +102,27 @@ def main(argv: list[str] | None = None) -> int:
         for share in (0.0, 0.25, 0.5, 0.75, 1.0):
             w = {n: 1.0 for n in model} | {n: share * len(model) for n in scene_cols}
             print(f"  share {share:.2f}: AP {ap_of(L.combine(both, w)):.3f}")
-        shipped = {n: 1.0 for n in model} | {n: 0.5 * len(model) for n in scene_cols}
+        # as FlagConfig.weights: the person detectors weigh 1.4 times as much as the other scene measures
+        shipped = {n: 1.0 for n in model} | {n: cfg.weights[n] for n in scene_cols}
         for left_out in scene_cols:
             w = {n: v for n, v in shipped.items() if n != left_out}
             print(f"  share 0.50 without {left_out}: AP {ap_of(L.combine(both, w)):.3f}")
         # label_quality = (1 - share) x own score + share x mean own score of k same-folder look-alikes
         own = L.combine(both, shipped)
+
+        def final(own_score: np.ndarray) -> float:
+            return ap_of((1 - cfg.lookalike_share) * own_score
+                         + cfg.lookalike_share * L.lookalike_quality(feats, y, own_score, cfg.lookalikes))
+
+        print(f"label_quality as shipped: AP {final(own):.3f}")
+        people = [n for n in ("q_face", "q_body") if n in scene_cols]
+        if people:
+            print("the person detectors (q_face, q_body): their weight, and the score they count from")
+            for w in (2.5, 3.5, 5.0):
+                print(f"  weight {w}: AP {final(L.combine(both, shipped | {n: w for n in people})):.3f}")
+            for threshold in (0.5, 0.6, 0.7, 0.8):
+                scored = scene_quality(good, y, person_threshold=threshold)
+                print(f"  from {threshold}: AP {final(L.combine(both | {n: scored[n] for n in people}, shipped)):.3f}")
         spaces = {"cheap features": feats, "ViT fold embeddings": None}
         print("the shipped own score blended with its look-alikes' (share 0 = own score alone):")
         for space, e in spaces.items():

@@ -188,16 +188,17 @@ def measure(run_dir: Path, data_root: Path, manifest: pd.DataFrame, progress: bo
     return pd.DataFrame([known[k] for k in key], columns=SCENE_COLUMNS)
 
 
-def scene_quality(measures: pd.DataFrame, labels: np.ndarray) -> dict[str, np.ndarray]:
+def scene_quality(measures: pd.DataFrame, labels: np.ndarray,
+                  person_threshold: float = PERSON_THRESHOLD) -> dict[str, np.ndarray]:
     """SCENE_COMPONENTS, low = more suspicious: q_face and q_body (a more confident face or person
-    detection, from PERSON_THRESHOLD up; all below it score alike),
+    detection, from `person_threshold` up; all below it score alike),
     q_structure (more straight edges), q_focus (more of the frame in focus), q_colour (colourfulness as a
     percentile rank within the photo's class, `labels`: less colourful than the class's other photos)."""
     colour = pd.Series(measures["colourfulness"].to_numpy(dtype=float))
 
     def detected(col: str) -> np.ndarray:
         score = measures[col].to_numpy(dtype=float)
-        return np.where(score >= PERSON_THRESHOLD, score, 0.0)
+        return np.where(score >= person_threshold, score, 0.0)
 
     return {"q_face": -detected("face_score"),
             "q_body": -detected("body_score"),
