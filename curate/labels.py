@@ -14,8 +14,7 @@ helps). Five label-free components come from the scene measures (curate.scene): 
 face or a person found by MediaPipe's small pretrained detectors, bundled: curate.people), `q_structure`
 (long straight horizontal/vertical edges), `q_focus` (sharp across the frame rather than a close-up's
 shallow depth of field) and `q_colour` (less colourful than the class's other photos), which catch
-coherent off-class groups the models learn as
-the class (portraits, parades, buildings, landscapes).
+coherent off-class groups the models learn as the class (portraits, parades, buildings, landscapes).
 All are combined by a weighted mean of their within-run percentile ranks into the photo's own score,
 and `label_quality` (0..1) is half that and half `lookalike_quality`, the mean own score of its five
 closest look-alikes in the same folder (by the cheap features: colour histogram, gradients, 8x8

@@ -21,6 +21,7 @@ Without either interpreter `available()` is False and the scores are not measure
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 from pathlib import Path
@@ -47,6 +48,7 @@ def _interpreter_class():
     return Interpreter
 
 
+@functools.cache
 def available() -> bool:
     """True when a TFLite interpreter and both model files are at hand."""
     return _interpreter_class() is not None and all((MODELS_DIR / f).is_file() for f, _ in DETECTORS.values())

@@ -6,7 +6,7 @@ them. These measures do not depend on the labels:
 - `face_score`, `body_score`: the most confident face and person found by two small pretrained
   detectors of MediaPipe's, bundled with curate (curate.people). A photo of a person is rarely a photo
   of the class's object. They replaced OpenCV's frontal-face Haar cascade, which finds only large
-  frontal faces and took longer than both (25 vs 19 ms per photo).
+  frontal faces and took 25 ms per photo (the two detectors: 21 ms together).
 - `straight_edges`: total length of long, near-horizontal or near-vertical line segments (OpenCV's
   line segment detector) within the central 80% of the frame, relative to the photo's diagonal:
   buildings, interiors, vehicles, fences. The outer tenth at each side is cut off: a frame, a border or
@@ -56,7 +56,7 @@ FOCUS_GRID = 8  # in_focus compares the sharpness of 8 x 8 tiles of the photo
 SIDE = 320  # longest side of the measured thumbnail
 CHUNK = 500  # photos measured between two saves of the cache
 # a detector's score counts from here up; below it, petals and seed heads pass for faces at low confidence
-# and the score only adds noise (bench/flag_eval.py, label_quality AP at 0.5/0.6/0.7/0.8: .516/.526/.538/.535)
+# and the score only adds noise (bench/flag_ablation.py, label_quality AP from 0.5/0.6/0.7/0.8: .529/.547/.548/.533)
 PERSON_THRESHOLD = 0.7
 EDGE_MARGIN = 0.1  # straight_edges counts a segment only where it is at least this share of the frame from every side
 # part of every cache key: bump it when a measure's definition changes, so old values are measured again
