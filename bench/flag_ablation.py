@@ -111,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         own = L.combine(both, shipped)
 
         def final(own_score: np.ndarray) -> float:
-            return ap_of((1 - cfg.lookalike_share) * own_score
-                         + cfg.lookalike_share * L.lookalike_quality(feats, y, own_score, cfg.lookalikes))
+            return ap_of(L.with_lookalikes(own_score, feats, y, cfg)[0])
 
         print(f"label_quality as shipped: AP {final(own):.3f}")
         people = [n for n in ("q_face", "q_body") if n in scene_cols]

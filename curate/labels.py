@@ -219,6 +219,14 @@ def lookalike_quality(features: np.ndarray, labels: np.ndarray, quality: np.ndar
     return out
 
 
+def with_lookalikes(own: np.ndarray, features: np.ndarray, labels: np.ndarray,
+                    cfg: FlagConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(label_quality, lookalike_quality): the photo's own score blended with the mean own score of its
+    `cfg.lookalikes` closest same-folder look-alikes in `features`, by `cfg.lookalike_share`."""
+    lookalike = lookalike_quality(features, labels, own, cfg.lookalikes)
+    return (1 - cfg.lookalike_share) * own + cfg.lookalike_share * lookalike, lookalike
+
+
 def centre_distance_z(emb: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
     """Robust z-score of each photo's cosine distance to the nearest class centre (high = unlike all)."""
     z = l2_normalise(emb)
@@ -300,8 +308,7 @@ def score(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, oof_probs:
     if lookalike_space is None and len(np.unique(space)) == 1:
         lookalike_space = embeddings
     if cfg.lookalikes and lookalike_space is not None:
-        lookalike = lookalike_quality(lookalike_space, labels, own, cfg.lookalikes)
-        quality = (1 - cfg.lookalike_share) * own + cfg.lookalike_share * lookalike
+        quality, lookalike = with_lookalikes(own, lookalike_space, labels, cfg)
     else:
         lookalike, quality = own, own
     preds = {name: p.argmax(1) for name, p in probs_by_model.items()}

@@ -55,7 +55,8 @@ def available() -> bool:
 
 
 def _interpreters() -> dict:
-    """One interpreter per model and thread: an interpreter holds its tensors and is not thread-safe."""
+    """name -> (interpreter, input tensor index, logits tensor index), one interpreter per model and
+    thread: an interpreter holds its tensors and is not thread-safe."""
     if not hasattr(_local, "models"):
         interpreter = _interpreter_class()
         models = {}
@@ -64,7 +65,9 @@ def _interpreters() -> dict:
             for name, (file, _) in DETECTORS.items():
                 it = interpreter(model_path=str(MODELS_DIR / file), num_threads=1)
                 it.allocate_tensors()
-                models[name] = it
+                # outputs: box regressors (1, anchors, coords) and one logit per anchor (1, anchors, 1)
+                logits = next(d["index"] for d in it.get_output_details() if d["shape"][-1] == 1)
+                models[name] = (it, it.get_input_details()[0]["index"], logits)
         _local.models = models
     return _local.models
 
@@ -86,11 +89,9 @@ def person_scores(image: np.ndarray) -> dict[str, float]:
     """face_score and body_score (0..1): the most confident face (BlazeFace) and person (BlazePose
     detector) anywhere in `image` (H x W x 3 RGB, uint8). Callers check `available()` first."""
     out = {}
-    for name, it in _interpreters().items():
-        side = DETECTORS[name][1]
-        it.set_tensor(it.get_input_details()[0]["index"], letterbox(image, side)[None])
+    for name, (it, input_index, logits_index) in _interpreters().items():
+        it.set_tensor(input_index, letterbox(image, DETECTORS[name][1])[None])
         it.invoke()
-        # outputs: box regressors (1, anchors, coords) and one logit per anchor (1, anchors, 1)
-        logits = next(it.get_tensor(d["index"]) for d in it.get_output_details() if d["shape"][-1] == 1)
-        out[name] = float(1.0 / (1.0 + np.exp(-np.clip(logits.max(), -100.0, 100.0))))
+        logit = np.clip(it.get_tensor(logits_index).max(), -100.0, 100.0)
+        out[name] = float(1.0 / (1.0 + np.exp(-logit)))
     return out

@@ -153,8 +153,9 @@ def measure(run_dir: Path, data_root: Path, manifest: pd.DataFrame, progress: bo
 
     cache_path = Path(run_dir) / "cache" / "scene.csv"
     # values measured without the person detectors are kept apart from values measured with them
-    version = f"|v{MEASURES_VERSION}" + ("" if people.available() else "-nopeople")
-    if not people.available():
+    with_people = people.available()
+    version = f"|v{MEASURES_VERSION}" + ("" if with_people else "-nopeople")
+    if not with_people:
         log.warning("no TFLite interpreter (tensorflow or ai_edge_litert): face_score and body_score "
                     "are not measured")
     key = manifest["filepath"].astype(str) + "|" + (
