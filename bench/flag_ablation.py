@@ -136,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
                 aps = "  ".join(f"{share:.2f}: {ap_of((1 - share) * own + share * look):.3f}"
                                 for share in (0.0, 0.25, 0.5, 0.75, 1.0))
                 print(f"  {space:<20} k={k:<3} share {aps}")
+        if "face_score" in good.columns:
+            shipped_quality = L.with_lookalikes(own, feats, y, cfg)[0]
+            face = good["face_score"].to_numpy(dtype=float)
+            print("a confident face ranks the photo first (FlagConfig.sure_face), from face_score:")
+            for t in (None, 0.75, 0.8, 0.85, 0.9):
+                q = shipped_quality if t is None else L.sure_first(shipped_quality, np.where(face >= t, face, 0.0))
+                print(f"  {'off' if t is None else t}: AP {ap_of(q):.3f}")
     return 0
 
 

@@ -21,6 +21,8 @@ closest look-alikes in the same folder (by the cheap features: colour histogram,
 thumbnail). Off-class photos come in sessions (a parade, a portrait shoot, a garden of black-eyed
 Susans), so a photo whose look-alikes are suspicious is more likely off-class than its own score says,
 and a lone odd score among fine look-alikes is damped: bench/flag_eval.py measured AP 0.37 -> 0.46.
+Last, a photo with a confidently found face (`FlagConfig.sure_face`) is ranked first whatever its
+other scores: such a detection is all but certain evidence, which the weighted mean dilutes.
 In the K-fold ViT each fold's held-out photos are embedded by that fold's model, so kNN and clusters are
 computed within each fold.
 
@@ -84,6 +86,11 @@ class FlagConfig:
         "q_colour": 0.5})
     lookalikes: int = 5  # label_quality shares this many same-folder look-alikes' scores; 0 = off
     lookalike_share: float = 0.5  # their mean's share of label_quality (the photo's own score the rest)
+    # a face found with at least this confidence ranks the photo first, whatever its other scores (None = off):
+    # on the hand audit all 39 photos from 0.8 up are off-class or doubtful, none a fine photo of its class,
+    # yet the weighted mean and the look-alikes left portraits at ranks 270-430 (bench/flag_ablation.py:
+    # label_quality AP from 0.75/0.8/0.85/0.9: .549/.572/.571/.557, .548 without; --fast .484 -> .515)
+    sure_face: float | None = 0.85
     scene: bool = True  # measure people, straight edges, depth of field and colour (curate.scene)
     outlier_z: float = 3.5  # robust z of the distance to the nearest class centre
     max_off_class_fraction: float = 0.2  # never flag more than this share of a run as off_class
@@ -225,6 +232,19 @@ def with_lookalikes(own: np.ndarray, features: np.ndarray, labels: np.ndarray,
     `cfg.lookalikes` closest same-folder look-alikes in `features`, by `cfg.lookalike_share`."""
     lookalike = lookalike_quality(features, labels, own, cfg.lookalikes)
     return (1 - cfg.lookalike_share) * own + cfg.lookalike_share * lookalike, lookalike
+
+
+def sure_first(quality: np.ndarray, certainty: np.ndarray) -> np.ndarray:
+    """`quality` with every photo of `certainty` > 0 moved below all others, the most certain lowest.
+
+    The moved photos get quality (1 - certainty) x the lowest quality among the rest, so label_quality
+    stays in 0..1 and the order among the rest is unchanged."""
+    quality = np.asarray(quality, dtype=float)
+    certainty = np.clip(np.asarray(certainty, dtype=float), 0.0, 1.0)
+    sure = certainty > 0
+    if not sure.any() or sure.all():
+        return quality
+    return np.where(sure, (1 - certainty) * quality[~sure].min(), quality)
 
 
 def centre_distance_z(emb: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -389,6 +409,9 @@ def flag(run: str | Path | None, folds: int = 5, embeddings: str | None = None, 
                   lookalike_space=feats.embeddings)
         if scene_measures is not None:
             s["scene"] = scene_measures
+            if cfg.sure_face is not None:
+                face = scene_measures["face_score"].to_numpy(dtype=float)
+                s["label_quality"] = sure_first(s["label_quality"], np.where(face >= cfg.sure_face, face, 0.0))
         off, outlier = choose_flags(s, cfg)
         _write_outputs(run_dir, df, ok, good, classes, labels, rep, s, off, outlier)
         log.info("flag: %d photos scored with %s in %.0f s; %d off_class, %d outlier -> %s",

@@ -23,7 +23,8 @@ They become five label_quality components, `q_face`, `q_body`, `q_structure`, `q
 (low = suspicious). bench/flag_eval.py measured them on the hand audit: alone AP 0.21, 0.20, 0.20, 0.09
 and 0.14 (base rate 0.066); with the model components AP 0.17 -> 0.26 (Haar faces, edges) -> 0.30 (depth
 of field) -> ~0.37 (colour) -> 0.39 (edges only within the frame), before look-alikes (curate.labels);
-with look-alikes 0.477, and 0.548 with the two person detectors in place of the cascade. They
+with look-alikes 0.477, 0.548 with the two person detectors in place of the cascade, and 0.571 when
+a confident face ranks its photo first (curate.labels.FlagConfig.sure_face). They
 encode an assumption, that the classes are colourful natural objects photographed close up, and that
 people, straight man-made edges, deep focus and grey scenes are not what the folders are about; for a
 dataset where they are (parts on a production line), leave them out: `curate flag --no-scene`.

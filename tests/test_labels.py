@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import FLOWERS
 
 from curate import labels as L
 from curate.io import CurateError, read_manifest
@@ -105,6 +106,33 @@ def test_score_blends_own_score_and_lookalikes_by_the_configured_share():
     np.testing.assert_allclose(on["label_quality"], 0.5 * own + 0.5 * on["lookalike_quality"])
     # the coherent foreign group's members are each other's look-alikes: they stay at the bottom
     assert set(np.argsort(on["label_quality"])[:6]) == set(foreign)
+
+
+def test_sure_first_moves_certain_photos_below_all_others_most_certain_lowest():
+    quality = np.array([0.9, 0.4, 0.2, 0.7, 0.5])
+    certainty = np.array([0.0, 0.9, 0.0, 0.95, 0.0])
+    out = L.sure_first(quality, certainty)
+    assert list(np.argsort(out)) == [3, 1, 2, 4, 0]
+    np.testing.assert_allclose(out[[0, 2, 4]], quality[[0, 2, 4]])  # the rest keep their scores
+    assert ((out >= 0) & (out <= 1)).all()
+    np.testing.assert_allclose(L.sure_first(quality, np.zeros(5)), quality)
+
+
+def test_a_confident_face_ranks_a_real_portrait_first(small_dataset, tmp_path):
+    portrait = "sunflowers/4933230395_7930697335_m.jpg"  # a woman among sunflowers (tests/test_people.py)
+    shutil.copyfile(FLOWERS / portrait, small_dataset / portrait)
+    run = _scanned_run(small_dataset, tmp_path / "run")
+    L.flag(run, folds=3, fast=True, progress=False)
+    df = read_manifest(run / "manifest.csv").set_index("filepath")
+    assert df.loc[portrait, "face_score"] >= L.FlagConfig().sure_face
+    others = df.drop(index=portrait)
+    assert (others["face_score"] < L.FlagConfig().sure_face).all()
+    assert df.loc[portrait, "label_quality"] < others["label_quality"].min()
+    # without the rule the portrait gets its blended score back and nothing else moves
+    L.flag(run, folds=3, fast=True, progress=False, config=L.FlagConfig(sure_face=None))
+    off = read_manifest(run / "manifest.csv").set_index("filepath")
+    assert off.loc[portrait, "label_quality"] > df.loc[portrait, "label_quality"]
+    np.testing.assert_allclose(off.drop(index=portrait)["label_quality"], others["label_quality"])
 
 
 def _scanned_run(dataset: Path, run: Path, error_file: str | None = None) -> Path:
