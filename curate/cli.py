@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "less accurate than the K-fold ViT")
     p.add_argument("--no-scene", action="store_true",
                    help="leave out the scene measures: people, straight edges, depth of field, colour "
-                   "(q_face, q_body, q_structure, q_focus, q_colour): for datasets whose classes are "
+                   "(q_face, q_body, q_structure, q_focus, q_colour, and the rule that a confidently "
+                   "found face ranks a photo first): for datasets whose classes are "
                    "people, man-made objects or not colourful close-ups")
     _add_common(p)
 

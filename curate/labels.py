@@ -86,7 +86,8 @@ class FlagConfig:
         "q_colour": 0.5})
     lookalikes: int = 5  # label_quality shares this many same-folder look-alikes' scores; 0 = off
     lookalike_share: float = 0.5  # their mean's share of label_quality (the photo's own score the rest)
-    # a face found with at least this confidence ranks the photo first, whatever its other scores (None = off):
+    # a face found with at least this confidence ranks the photo first, whatever its other scores (None = off;
+    # part of the scene measures, so off with scene=False too):
     # on the hand audit all 39 photos from 0.8 up are off-class or doubtful, none a fine photo of its class,
     # yet the weighted mean and the look-alikes left portraits at ranks 270-430 (bench/flag_ablation.py:
     # label_quality AP from 0.75/0.8/0.85/0.9: .549/.572/.571/.557, .548 without; --fast .484 -> .515)
