@@ -27,7 +27,7 @@ from flag_eval import AUDIT, load_audit, ranking_scores  # noqa: E402
 from curate import embed  # noqa: E402
 from curate import labels as L  # noqa: E402
 from curate.io import data_root_of, read_manifest  # noqa: E402
-from curate.scene import SCENE_COMPONENTS, scene_quality  # noqa: E402
+from curate.scene import SCENE_COMPONENTS, detected, scene_quality  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,10 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {space:<20} k={k:<3} share {aps}")
         if "face_score" in good.columns:
             shipped_quality = L.with_lookalikes(own, feats, y, cfg)[0]
-            face = good["face_score"].to_numpy(dtype=float)
             print("a confident face ranks the photo first (FlagConfig.sure_face), from face_score:")
             for t in (None, 0.75, 0.8, 0.85, 0.9):
-                q = shipped_quality if t is None else L.sure_first(shipped_quality, np.where(face >= t, face, 0.0))
+                q = shipped_quality if t is None else L.sure_first(shipped_quality, detected(good["face_score"], t))
                 print(f"  {'off' if t is None else t}: AP {ap_of(q):.3f}")
     return 0
 

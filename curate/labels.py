@@ -281,7 +281,7 @@ def combine(components: dict[str, np.ndarray], weights: dict[str, float]) -> np.
 
 def score(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, oof_probs: dict[str, np.ndarray],
           cfg: FlagConfig, space: np.ndarray | None = None, extra: dict[str, np.ndarray] | None = None,
-          lookalike_space: np.ndarray | None = None) -> dict:
+          lookalike_space: np.ndarray | None = None, certainty: np.ndarray | None = None) -> dict:
     """All per-photo scores from embeddings and out-of-fold probabilities of one or more models.
 
     `oof_probs` maps a model name to N x C probabilities; with none, kNN class distributions stand in
@@ -292,7 +292,8 @@ def score(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, oof_probs:
     representation. With trained models, `q_confidence` (their highest class probability) is added: low
     when the photo looks like none of the classes. `lookalike_space`: the features in which look-alikes
     are found (one space for all rows; default `embeddings` when `space` is uniform); with
-    `cfg.lookalikes` 0, or no common space, label_quality is the photo's own score.
+    `cfg.lookalikes` 0, or no common space, label_quality is the photo's own score. `certainty`: photos
+    above 0 (e.g. a confidently found face) are ranked first, the most certain lowest (`sure_first`).
     """
     n = len(labels)
     space = np.zeros(n, dtype=int) if space is None else np.asarray(space)
@@ -332,6 +333,8 @@ def score(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, oof_probs:
         quality, lookalike = with_lookalikes(own, lookalike_space, labels, cfg)
     else:
         lookalike, quality = own, own
+    if certainty is not None:
+        quality = sure_first(quality, certainty)
     preds = {name: p.argmax(1) for name, p in probs_by_model.items()}
     disagreeing = np.sum([pr != labels for pr in preds.values()], axis=0)
     return {"label_quality": quality, "lookalike_quality": lookalike, **components, "issues": issues,
@@ -397,22 +400,21 @@ def flag(run: str | Path | None, folds: int = 5, embeddings: str | None = None, 
             feats = embed.represent("features", run_dir, data_root, good, classes, cfg, progress=progress)
             extra["q_features"] = cluster_quality(feats.embeddings, labels, len(classes), cfg.cluster_size,
                                                   cfg.seed)[0]
-        scene_measures = None
+        scene_measures = certainty = None
         if cfg.scene:
             from curate import scene
 
             scene_measures = scene.measure(run_dir, data_root, good, progress=progress)
             extra.update(scene.scene_quality(scene_measures, labels))
+            if cfg.sure_face is not None:
+                certainty = scene.detected(scene_measures["face_score"], cfg.sure_face)
         score_cfg = dataclasses.replace(cfg, weights=cfg.fast_weights) if rep.name == "features" else cfg
         # look-alikes by the cheap features: bench/flag_eval.py measured them better for this than the ViT's
         # embeddings (AP 0.46 vs 0.41), which are not comparable across folds anyway
         s = score(rep.embeddings, labels, len(classes), oof, score_cfg, space=rep.space, extra=extra,
-                  lookalike_space=feats.embeddings)
+                  lookalike_space=feats.embeddings, certainty=certainty)
         if scene_measures is not None:
             s["scene"] = scene_measures
-            if cfg.sure_face is not None:
-                face = scene_measures["face_score"].to_numpy(dtype=float)
-                s["label_quality"] = sure_first(s["label_quality"], np.where(face >= cfg.sure_face, face, 0.0))
         off, outlier = choose_flags(s, cfg)
         _write_outputs(run_dir, df, ok, good, classes, labels, rep, s, off, outlier)
         log.info("flag: %d photos scored with %s in %.0f s; %d off_class, %d outlier -> %s",

@@ -190,6 +190,12 @@ def measure(run_dir: Path, data_root: Path, manifest: pd.DataFrame, progress: bo
     return pd.DataFrame([known[k] for k in key], columns=SCENE_COLUMNS)
 
 
+def detected(scores: pd.Series | np.ndarray, threshold: float) -> np.ndarray:
+    """A detector's scores from `threshold` up, 0 below it (counted as nothing found)."""
+    scores = np.asarray(scores, dtype=float)
+    return np.where(scores >= threshold, scores, 0.0)
+
+
 def scene_quality(measures: pd.DataFrame, labels: np.ndarray,
                   person_threshold: float = PERSON_THRESHOLD) -> dict[str, np.ndarray]:
     """SCENE_COMPONENTS, low = more suspicious: q_face and q_body (a more confident face or person
@@ -197,13 +203,8 @@ def scene_quality(measures: pd.DataFrame, labels: np.ndarray,
     q_structure (more straight edges), q_focus (more of the frame in focus), q_colour (colourfulness as a
     percentile rank within the photo's class, `labels`: less colourful than the class's other photos)."""
     colour = pd.Series(measures["colourfulness"].to_numpy(dtype=float))
-
-    def detected(col: str) -> np.ndarray:
-        score = measures[col].to_numpy(dtype=float)
-        return np.where(score >= person_threshold, score, 0.0)
-
-    return {"q_face": -detected("face_score"),
-            "q_body": -detected("body_score"),
+    return {"q_face": -detected(measures["face_score"], person_threshold),
+            "q_body": -detected(measures["body_score"], person_threshold),
             "q_structure": -measures["straight_edges"].to_numpy(dtype=float),
             "q_focus": -measures["in_focus"].to_numpy(dtype=float),
             "q_colour": colour.groupby(np.asarray(labels)).rank(pct=True).to_numpy()}
