@@ -200,7 +200,7 @@ def read_manifest(path: str | os.PathLike, required: Sequence[str] = ("filepath"
         df = pd.read_csv(path, dtype={"filepath": str, "label": str, "sha256": str, "phash": str,
                                       "dhash": str, "flags": str, "error": str, "dup_group": str,
                                       "split": str},
-                         keep_default_na=False, na_values=[""])
+                         keep_default_na=False, na_values=[""], float_precision="round_trip")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise CurateError(f"{path}: not a readable CSV manifest ({exc})") from None
     missing = [c for c in required if c not in df.columns]

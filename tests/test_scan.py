@@ -18,7 +18,7 @@ from conftest import FLOWERS, make_dataset, real_photos, tree_fingerprint
 from PIL import Image
 
 from curate import cli
-from curate.io import CurateError, read_manifest
+from curate.io import CurateError, atomic_write_csv, read_manifest
 from curate.scan import ISSUES, MANIFEST_COLUMNS, ScanConfig, image_hashes, scan, scan_file
 
 
@@ -56,6 +56,14 @@ def test_scan_writes_the_run_folder(small_dataset: Path, tmp_path: Path) -> None
         assert {"threshold", "robust", "absolute"} <= set(info["thresholds"][issue])
     dups = pd.read_csv(out / "duplicates.csv")
     assert list(dups.columns) == ["dup_group", "kind", "filepath", "label", "distance", "keep"]
+
+
+def test_a_manifest_read_and_written_again_keeps_every_value(small_dataset: Path, tmp_path: Path) -> None:
+    # every later stage reads the manifest and writes it back: no measure may drift on the way
+    out = tmp_path / "run"
+    scan(small_dataset, out=out, workers=2, progress=False)
+    atomic_write_csv(out / "again.csv", read_manifest(out / "manifest.csv"))
+    assert (out / "again.csv").read_text() == (out / "manifest.csv").read_text()
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
