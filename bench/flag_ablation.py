@@ -12,6 +12,7 @@ the defaults in curate.labels.FlagConfig can be chosen from measurements. Takes 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import itertools
 import platform
@@ -102,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         for share in (0.0, 0.25, 0.5, 0.75, 1.0):
             w = {n: 1.0 for n in model} | {n: share * len(model) for n in scene_cols}
             print(f"  share {share:.2f}: AP {ap_of(L.combine(both, w)):.3f}")
-        # as FlagConfig.weights: the person detectors weigh 1.4 times as much as the other scene measures
-        shipped = {n: 1.0 for n in model} | {n: cfg.weights[n] for n in scene_cols}
+        # as FlagConfig.weights (the person detectors weigh 1.4 times as much as the other scene measures)
+        shipped = {n: cfg.weights[AS_COLUMN[n]] for n in model} | {n: cfg.weights[n] for n in scene_cols}
         for left_out in scene_cols:
             w = {n: v for n, v in shipped.items() if n != left_out}
             print(f"  share 0.50 without {left_out}: AP {ap_of(L.combine(both, w)):.3f}")
@@ -142,7 +143,53 @@ def main(argv: list[str] | None = None) -> int:
             for t in (None, 0.75, 0.8, 0.85, 0.9):
                 q = shipped_quality if t is None else L.sure_first(shipped_quality, detected(good["face_score"], t))
                 print(f"  {'off' if t is None else t}: AP {ap_of(q):.3f}")
+        first = first_pass_folds(run, good, y, fold, cfg)
+        if first is not None:
+            # FlagConfig.retrain_pruned: the run's oof/embeddings come from the folds retrained without the
+            # first pass's off_class photos; the first pass's folds are still in the cache
+            extra = {n: comps[n] for n in ("features_cluster", *scene_cols)}
+            extra["q_features"] = extra.pop("features_cluster")
+            certainty = detected(good["face_score"], cfg.sure_face) if "face_score" in good.columns else None
+            print("the K-fold ViT as first trained, and retrained without the photos that pass flagged "
+                  "(label_quality AP, by the weight of q_cleanlab, q_knn and q_cluster):")
+            for name, (p, e) in {"first pass": first, "retrained": (probs, emb)}.items():
+                aps = []
+                for w in (1.0, 1.5, 2.0, 3.0):
+                    wcfg = dataclasses.replace(cfg, weights=cfg.weights | dict.fromkeys(
+                        ("q_cleanlab", "q_knn", "q_cluster"), w))
+                    s = L.score(e, y, n_cls, {"vit": p}, wcfg, space=fold, extra=extra, lookalike_space=feats,
+                                certainty=certainty)
+                    aps.append(f"{w}: {ap_of(s['label_quality']):.3f}")
+                alone = L.score(e, y, n_cls, {"vit": p}, cfg, space=fold)
+                print(f"  {name:<11} {'  '.join(aps)}   alone: "
+                      + "  ".join(f"{c} {ap_of(alone[c]):.3f}" for c in ("q_cleanlab", "q_knn", "q_cluster")))
     return 0
+
+
+# the ablation's names of the K-fold ViT's components, as FlagConfig.weights calls them
+AS_COLUMN = {"vit_cleanlab": "q_cleanlab", "vit_knn_perfold": "q_knn", "vit_cluster_perfold": "q_cluster",
+             "vit_maxprob": "q_confidence", "features_cluster": "q_features"}
+
+
+def first_pass_folds(run: Path, good, y: np.ndarray, fold: np.ndarray,
+                     cfg: L.FlagConfig) -> tuple[np.ndarray, np.ndarray] | None:
+    """(out-of-fold probabilities, embeddings) of the K-fold ViT's first pass, from the run's cache, or None
+    when the cache does not hold all its folds (a run flagged with --no-retrain has them in oof_vit.npy)."""
+    from train.presets import FLAG
+
+    recipe = cfg.vit or FLAG
+    base = embed._fingerprint(np.array(good["filepath"].astype(str).tolist(), dtype="U"), y, recipe,
+                              cfg.flip_tta, cfg.seed)
+    tag = embed._fingerprint(base, fold)
+    paths = [run / "cache" / f"vit_fold{k}of{cfg.folds}_{tag}.npz" for k in range(cfg.folds)]
+    if not all(p.exists() for p in paths):
+        return None
+    probs = np.zeros((len(y), int(y.max()) + 1), np.float32)
+    emb = np.zeros((len(y), recipe.model.hidden_dim), np.float32)
+    for k, path in enumerate(paths):
+        saved = np.load(path)
+        probs[fold == k], emb[fold == k] = saved["probs"], saved["emb"]
+    return probs, emb
 
 
 if __name__ == "__main__":

@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(q_face, q_body, q_structure, q_focus, q_colour, and the rule that a confidently "
                    "found face ranks a photo first): for datasets whose classes are "
                    "people, man-made objects or not colourful close-ups")
+    p.add_argument("--no-retrain", action="store_true",
+                   help="score with the first K-fold ViT only; by default it is trained a second time, same "
+                   "folds, without the photos the first pass flagged off_class, and every photo is scored "
+                   "again with that cleaner model (better ranking, twice the training time)")
     _add_common(p)
 
     p = sub.add_parser("app", help="build the FiftyOne dataset and its saved views; launch the App")
@@ -173,7 +177,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from curate.labels import FlagConfig, flag
 
         flag(args.run, folds=args.folds, embeddings=args.embeddings, fast=args.fast, progress=progress,
-             config=FlagConfig(scene=not args.no_scene))
+             config=FlagConfig(scene=not args.no_scene, retrain_pruned=not args.no_retrain))
     elif cmd == "app":
         from curate.fiftyone_bridge import app
 

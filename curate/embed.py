@@ -261,7 +261,8 @@ def _cached_fit(path: Path, x_train: np.ndarray, y_train: np.ndarray, x_test: np
 
 
 def vit_kfold(run_dir: Path, data_root: Path, manifest: pd.DataFrame, classes: list[str], cfg,
-              progress: bool = False, recipe: Preset | None = None, name: str = "vit") -> Representation:
+              progress: bool = False, recipe: Preset | None = None, name: str = "vit",
+              exclude: np.ndarray | None = None) -> Representation:
     """Out-of-fold probabilities and class-token embeddings of the own ViT, trained `cfg.folds` times.
 
     With `cfg.group_folds`, a first ViT is trained on every photo; its embeddings (one space for all
@@ -270,6 +271,8 @@ def vit_kfold(run_dir: Path, data_root: Path, manifest: pd.DataFrame, classes: l
     Each model's predictions are saved atomically to `<run>/cache/<name>_*_<fingerprint>.npz`
     (fingerprint = files, labels, folds and recipe), so an interrupted run resumes at the first
     unfinished fold. `recipe` defaults to train.presets.FLAG.
+    `exclude` (boolean per photo): photos no fold model trains on, though each is still scored by the model of
+    its fold; the folds (and the first ViT that groups them) stay the same as without it.
     """
     recipe = recipe or FLAG
     filepaths = manifest["filepath"].astype(str).tolist()
@@ -277,8 +280,10 @@ def vit_kfold(run_dir: Path, data_root: Path, manifest: pd.DataFrame, classes: l
     images = load_images(run_dir, data_root, filepaths, recipe.model.image_size, progress)
     cache = Path(run_dir) / "cache"
     base = _fingerprint(np.array(filepaths, dtype="U"), labels, recipe, cfg.flip_tta, cfg.seed)
+    excluded = np.zeros(len(labels), bool) if exclude is None else np.asarray(exclude, bool)
     n_models = cfg.folds + int(cfg.group_folds)
-    bar = _bar(n_models, f"{name} {cfg.folds}-fold", progress)
+    desc = f"{name} {cfg.folds}-fold" + (f" without {excluded.sum()} photos" if excluded.any() else "")
+    bar = _bar(n_models, desc, progress)
     common = None
     groups = None
     if cfg.group_folds:
@@ -287,12 +292,12 @@ def vit_kfold(run_dir: Path, data_root: Path, manifest: pd.DataFrame, classes: l
         groups = visual_groups(common, labels, cfg.group_size, cfg.seed)
         bar(1)
     fold = fold_assignment(labels, cfg.folds, cfg.seed, groups)
-    tag = _fingerprint(base, fold)
+    tag = _fingerprint(base, fold, excluded) if excluded.any() else _fingerprint(base, fold)
     probs = np.zeros((len(labels), len(classes)), np.float32)
     emb = np.zeros((len(labels), recipe.model.hidden_dim), np.float32)
     for k in range(cfg.folds):
         test = np.flatnonzero(fold == k)
-        train_idx = np.flatnonzero(fold != k)
+        train_idx = np.flatnonzero((fold != k) & ~excluded)
         p, e, reused = _cached_fit(cache / f"{name}_fold{k}of{cfg.folds}_{tag}.npz", images[train_idx],
                                    labels[train_idx], images[test], len(classes), recipe, cfg.seed + k, progress,
                                    cfg.flip_tta)

@@ -130,6 +130,22 @@ def test_vit_kfold_tiny_gives_out_of_fold_scores_and_resumes(small_dataset, tmp_
     again = embed.vit_kfold(run, small_dataset, df, classes, cfg, recipe=recipe)
     np.testing.assert_array_equal(again.oof_probs, rep.oof_probs)
 
+    # excluded photos (the retrain without flagged photos): no fold trains on them, each is still scored by
+    # its fold's model, and the folds are new models rather than the saved ones
+    exclude = np.zeros(len(df), bool)
+    exclude[[0, 7, 13, 26]] = True
+    images = embed.load_images(run, small_dataset, df["filepath"].tolist(), recipe.model.image_size)
+    excluded_rows = {row.tobytes() for row in images[exclude]}
+    seen_train.clear()
+    monkeypatch.setattr(embed, "train_fold", spy)
+    pruned = embed.vit_kfold(run, small_dataset, df, classes, cfg, recipe=recipe, exclude=exclude)
+    assert len(seen_train) == 2
+    assert all(not (rows & excluded_rows) for rows in seen_train), "an excluded photo was trained on"
+    assert sum(len(rows) for rows in seen_train) == len(df) - exclude.sum()  # each kept photo once
+    np.testing.assert_array_equal(pruned.space, rep.space)  # same folds
+    np.testing.assert_allclose(pruned.oof_probs.sum(1), 1, atol=1e-4)
+    assert len(list((run / "cache").glob("vit_fold*of2_*.npz"))) == 4
+
 
 def test_vit_kfold_grouped_keeps_each_visual_group_in_one_fold(small_dataset, tmp_path):
     from curate.labels import FlagConfig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -204,7 +205,8 @@ def test_flag_usage_errors(small_dataset, tmp_path):
 
 def test_flag_with_a_tiny_kfold_vit_writes_its_out_of_fold_outputs(small_dataset, tmp_path):
     run = _scanned_run(small_dataset, tmp_path / "run")
-    L.flag(run, folds=2, embeddings="vit", progress=False, config=L.FlagConfig(vit=TINY_VIT, group_size=3))
+    L.flag(run, folds=2, embeddings="vit", progress=False,
+           config=L.FlagConfig(vit=TINY_VIT, group_size=3, retrain_pruned=False))
     df = read_manifest(run / "manifest.csv")
     for col in ["q_cleanlab", "q_knn", "q_cluster", "q_confidence", "q_features", "q_face", "q_body", "q_structure",
                 "q_focus", "q_colour", "face_score", "body_score",
@@ -221,9 +223,40 @@ def test_flag_with_a_tiny_kfold_vit_writes_its_out_of_fold_outputs(small_dataset
 
     # --no-scene: the detectors' columns go (the folds come from the cache) and label_quality changes
     L.flag(run, folds=2, embeddings="vit", progress=False,
-           config=L.FlagConfig(vit=TINY_VIT, group_size=3, scene=False))
+           config=L.FlagConfig(vit=TINY_VIT, group_size=3, scene=False, retrain_pruned=False))
     plain = read_manifest(run / "manifest.csv")
     assert not {"q_face", "q_body", "q_structure", "q_focus", "q_colour", "face_score", "body_score",
                 "straight_edges", "in_focus", "colourfulness"} & set(plain.columns)
     assert (plain["q_cleanlab"] == df["q_cleanlab"]).all()
     assert not np.allclose(plain["label_quality"], df["label_quality"])
+
+
+def test_flag_retrains_the_kfold_vit_without_the_photos_it_flagged(small_dataset, tmp_path, monkeypatch):
+    from curate import embed
+
+    run = _scanned_run(small_dataset, tmp_path / "run")
+    cfg = L.FlagConfig(vit=TINY_VIT, group_size=3, scene=False)
+    L.flag(run, folds=2, embeddings="vit", progress=False, config=dataclasses.replace(cfg, retrain_pruned=False))
+    first = read_manifest(run / "manifest.csv")
+    first_off = first["flags"].fillna("").str.contains("off_class").to_numpy()
+    assert 0 < first_off.sum() < len(first)
+
+    calls = []
+    real_vit_kfold = embed.vit_kfold
+
+    def spy(*a, **k):
+        calls.append(k.get("exclude"))
+        return real_vit_kfold(*a, **k)
+
+    monkeypatch.setattr(embed, "vit_kfold", spy)
+    L.flag(run, folds=2, embeddings="vit", progress=False, config=cfg)
+    # the first pass (its folds from the cache), then the folds trained without the first pass's off_class
+    assert len(calls) == 2 and calls[0] is None
+    np.testing.assert_array_equal(calls[1], first_off)
+    again = read_manifest(run / "manifest.csv")
+    assert len(list((run / "cache").glob("vit_fold*of2_*.npz"))) == 4
+    # every photo is scored by the retrained models: their probabilities replace the first pass's
+    assert not np.allclose(again["q_cleanlab"], first["q_cleanlab"])
+    oof = np.load(run / "oof_vit.npy")
+    assert (again["pred_vit"] == np.array(sorted(set(again["label"])))[oof.argmax(1)]).all()
+    assert again["label_quality"].between(0, 1).all() and again["label_quality"].notna().all()
