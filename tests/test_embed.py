@@ -145,6 +145,9 @@ def test_vit_kfold_tiny_gives_out_of_fold_scores_and_resumes(small_dataset, tmp_
     np.testing.assert_array_equal(pruned.space, rep.space)  # same folds
     np.testing.assert_allclose(pruned.oof_probs.sum(1), 1, atol=1e-4)
     assert len(list((run / "cache").glob("vit_fold*of2_*.npz"))) == 4
+    monkeypatch.setattr(embed, "train_fold", must_not_train)  # an interrupted retrain resumes from its folds
+    resumed = embed.vit_kfold(run, small_dataset, df, classes, cfg, recipe=recipe, exclude=exclude)
+    np.testing.assert_array_equal(resumed.oof_probs, pruned.oof_probs)
 
 
 def test_vit_kfold_grouped_keeps_each_visual_group_in_one_fold(small_dataset, tmp_path):
