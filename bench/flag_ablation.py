@@ -178,10 +178,7 @@ def first_pass_folds(run: Path, good, y: np.ndarray, fold: np.ndarray,
     from train.presets import FLAG
 
     recipe = cfg.vit or FLAG
-    base = embed._fingerprint(np.array(good["filepath"].astype(str).tolist(), dtype="U"), y, recipe,
-                              cfg.flip_tta, cfg.seed)
-    tag = embed._fingerprint(base, fold)
-    paths = [run / "cache" / f"vit_fold{k}of{cfg.folds}_{tag}.npz" for k in range(cfg.folds)]
+    paths = embed.fold_cache_files(run, good["filepath"].astype(str).tolist(), y, recipe, cfg, fold)
     if not all(p.exists() for p in paths):
         return None
     probs = np.zeros((len(y), int(y.max()) + 1), np.float32)

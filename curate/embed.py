@@ -260,6 +260,16 @@ def _cached_fit(path: Path, x_train: np.ndarray, y_train: np.ndarray, x_test: np
     return p, e, False
 
 
+def fold_cache_files(run_dir: Path, filepaths: list[str], labels: np.ndarray, recipe: Preset, cfg,
+                     fold: np.ndarray, exclude: np.ndarray | None = None, name: str = "vit") -> list[Path]:
+    """Where `vit_kfold` saves each fold model's predictions: named by a fingerprint of the files, labels,
+    recipe, seed, fold assignment and (when any) the excluded photos, so other inputs never reuse them."""
+    base = _fingerprint(np.array(filepaths, dtype="U"), labels, recipe, cfg.flip_tta, cfg.seed)
+    excluded = np.zeros(len(labels), bool) if exclude is None else np.asarray(exclude, bool)
+    tag = _fingerprint(base, fold, excluded) if excluded.any() else _fingerprint(base, fold)
+    return [Path(run_dir) / "cache" / f"{name}_fold{k}of{cfg.folds}_{tag}.npz" for k in range(cfg.folds)]
+
+
 def vit_kfold(run_dir: Path, data_root: Path, manifest: pd.DataFrame, classes: list[str], cfg,
               progress: bool = False, recipe: Preset | None = None, name: str = "vit",
               exclude: np.ndarray | None = None) -> Representation:
@@ -292,13 +302,13 @@ def vit_kfold(run_dir: Path, data_root: Path, manifest: pd.DataFrame, classes: l
         groups = visual_groups(common, labels, cfg.group_size, cfg.seed)
         bar(1)
     fold = fold_assignment(labels, cfg.folds, cfg.seed, groups)
-    tag = _fingerprint(base, fold, excluded) if excluded.any() else _fingerprint(base, fold)
+    paths = fold_cache_files(run_dir, filepaths, labels, recipe, cfg, fold, excluded, name)
     probs = np.zeros((len(labels), len(classes)), np.float32)
     emb = np.zeros((len(labels), recipe.model.hidden_dim), np.float32)
     for k in range(cfg.folds):
         test = np.flatnonzero(fold == k)
         train_idx = np.flatnonzero((fold != k) & ~excluded)
-        p, e, reused = _cached_fit(cache / f"{name}_fold{k}of{cfg.folds}_{tag}.npz", images[train_idx],
+        p, e, reused = _cached_fit(paths[k], images[train_idx],
                                    labels[train_idx], images[test], len(classes), recipe, cfg.seed + k, progress,
                                    cfg.flip_tta)
         probs[test], emb[test] = p, e
