@@ -177,16 +177,11 @@ def first_pass_folds(run: Path, good, y: np.ndarray, fold: np.ndarray,
     when the cache does not hold all its folds (a run flagged with --no-retrain has them in oof_vit.npy)."""
     from train.presets import FLAG
 
-    recipe = cfg.vit or FLAG
-    paths = embed.fold_cache_files(run, good["filepath"].astype(str).tolist(), y, recipe, cfg, fold)
+    paths = embed.fold_cache_files(run, good["filepath"].astype(str).tolist(), y, cfg.vit or FLAG, cfg, fold)
     if not all(p.exists() for p in paths):
-        return None
-    probs = np.zeros((len(y), int(y.max()) + 1), np.float32)
-    emb = np.zeros((len(y), recipe.model.hidden_dim), np.float32)
-    for k, path in enumerate(paths):
-        saved = np.load(path)
-        probs[fold == k], emb[fold == k] = saved["probs"], saved["emb"]
-    return probs, emb
+        return None  # vit_kfold would train the missing folds: minutes, not this benchmark's job
+    rep = embed.vit_kfold(run, data_root_of(run), good, embed.class_names(good["label"]), cfg, recipe=cfg.vit)
+    return rep.oof_probs, rep.embeddings
 
 
 if __name__ == "__main__":

@@ -260,13 +260,16 @@ def _cached_fit(path: Path, x_train: np.ndarray, y_train: np.ndarray, x_test: np
     return p, e, False
 
 
+def _inputs_fingerprint(filepaths: list[str], labels: np.ndarray, recipe: Preset, cfg) -> str:
+    return _fingerprint(np.array(filepaths, dtype="U"), labels, recipe, cfg.flip_tta, cfg.seed)
+
+
 def fold_cache_files(run_dir: Path, filepaths: list[str], labels: np.ndarray, recipe: Preset, cfg,
                      fold: np.ndarray, exclude: np.ndarray | None = None, name: str = "vit") -> list[Path]:
     """Where `vit_kfold` saves each fold model's predictions: named by a fingerprint of the files, labels,
     recipe, seed, fold assignment and (when any) the excluded photos, so other inputs never reuse them."""
-    base = _fingerprint(np.array(filepaths, dtype="U"), labels, recipe, cfg.flip_tta, cfg.seed)
-    excluded = np.zeros(len(labels), bool) if exclude is None else np.asarray(exclude, bool)
-    tag = _fingerprint(base, fold, excluded) if excluded.any() else _fingerprint(base, fold)
+    base = _inputs_fingerprint(filepaths, labels, recipe, cfg)
+    tag = _fingerprint(base, fold, exclude) if exclude is not None and np.any(exclude) else _fingerprint(base, fold)
     return [Path(run_dir) / "cache" / f"{name}_fold{k}of{cfg.folds}_{tag}.npz" for k in range(cfg.folds)]
 
 
@@ -289,7 +292,7 @@ def vit_kfold(run_dir: Path, data_root: Path, manifest: pd.DataFrame, classes: l
     labels = manifest["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     images = load_images(run_dir, data_root, filepaths, recipe.model.image_size, progress)
     cache = Path(run_dir) / "cache"
-    base = _fingerprint(np.array(filepaths, dtype="U"), labels, recipe, cfg.flip_tta, cfg.seed)
+    base = _inputs_fingerprint(filepaths, labels, recipe, cfg)
     excluded = np.zeros(len(labels), bool) if exclude is None else np.asarray(exclude, bool)
     n_models = cfg.folds + int(cfg.group_folds)
     desc = f"{name} {cfg.folds}-fold" + (f" without {excluded.sum()} photos" if excluded.any() else "")

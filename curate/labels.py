@@ -402,7 +402,6 @@ def flag(run: str | Path | None, folds: int = 5, embeddings: str | None = None, 
             raise CurateError(f"{run_dir}: class {classes[int(counts.argmin())]!r} has {counts.min()} readable "
                               f"photos, fewer than --folds {folds}")
         rep = embed.represent(kind, run_dir, data_root, good, classes, cfg, progress=progress)
-        oof = {rep.name: rep.oof_probs} if rep.oof_probs is not None else {}
         extra = {}
         feats = rep
         if rep.name != "features":
@@ -421,16 +420,19 @@ def flag(run: str | Path | None, folds: int = 5, embeddings: str | None = None, 
         score_cfg = dataclasses.replace(cfg, weights=cfg.fast_weights) if rep.name == "features" else cfg
         # look-alikes by the cheap features: bench/flag_eval.py measured them better for this than the ViT's
         # embeddings (AP 0.46 vs 0.41), which are not comparable across folds anyway
-        s = score(rep.embeddings, labels, len(classes), oof, score_cfg, space=rep.space, extra=extra,
-                  lookalike_space=feats.embeddings, certainty=certainty)
+        def score_with(rep) -> dict:
+            oof = {rep.name: rep.oof_probs} if rep.oof_probs is not None else {}
+            return score(rep.embeddings, labels, len(classes), oof, score_cfg, space=rep.space, extra=extra,
+                         lookalike_space=feats.embeddings, certainty=certainty)
+
+        s = score_with(rep)
         off, outlier = choose_flags(s, cfg)
         if rep.name == "vit" and cfg.retrain_pruned and off.any():
             log.info("flag: training the %d-fold ViT again without the %d photos flagged off_class",
                      cfg.folds, off.sum())
             rep = embed.vit_kfold(run_dir, data_root, good, classes, cfg, progress=progress,
                                   recipe=cfg.vit, exclude=off)
-            s = score(rep.embeddings, labels, len(classes), {rep.name: rep.oof_probs}, score_cfg, space=rep.space,
-                      extra=extra, lookalike_space=feats.embeddings, certainty=certainty)
+            s = score_with(rep)
             off, outlier = choose_flags(s, cfg)
         if scene_measures is not None:
             s["scene"] = scene_measures
