@@ -146,11 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         first = first_pass_folds(run, good, y, fold, cfg)
         if first is not None:
             # FlagConfig.retrain_pruned: the run's oof/embeddings come from the folds retrained without the
-            # first pass's off_class photos; the first pass's folds are still in the cache
+            # first pass's most suspicious photos; the first pass's folds are still in the cache
             extra = {n: comps[n] for n in ("features_cluster", *scene_cols)}
             extra["q_features"] = extra.pop("features_cluster")
             certainty = detected(good["face_score"], cfg.sure_face) if "face_score" in good.columns else None
-            print("the K-fold ViT as first trained, and retrained without the photos that pass flagged "
+            print("the K-fold ViT as first trained, and retrained without that pass's most suspicious photos "
                   "(label_quality AP, by the weight of q_cleanlab, q_knn and q_cluster):")
             for name, (p, e) in {"first pass": first, "retrained": (probs, emb)}.items():
                 aps = []

@@ -71,8 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "people, man-made objects or not colourful close-ups")
     p.add_argument("--no-retrain", action="store_true",
                    help="score with the first K-fold ViT only; by default it is trained a second time, same "
-                   "folds, without the photos the first pass flagged off_class, and every photo is scored "
-                   "again with that cleaner model (better ranking, twice the training time)")
+                   "folds, without the photos the first pass found most suspicious, and every photo is "
+                   "scored again with that cleaner model (better ranking, twice the training time)")
+    p.add_argument("--max-off-class", type=float, default=0.2, metavar="SHARE",
+                   help="flag at most this share of the photos off_class (default: 0.2). The flag takes the "
+                   "lowest label_quality photos, as many as cleanlab estimates are label issues, up to this "
+                   "cap; a smaller share gives a shorter review list with higher precision "
+                   "(docs/flagging.md). label_quality (the ranking) does not depend on it")
     _add_common(p)
 
     p = sub.add_parser("app", help="build the FiftyOne dataset and its saved views; launch the App")
@@ -177,7 +182,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from curate.labels import FlagConfig, flag
 
         flag(args.run, folds=args.folds, embeddings=args.embeddings, fast=args.fast, progress=progress,
-             config=FlagConfig(scene=not args.no_scene, retrain_pruned=not args.no_retrain))
+             config=FlagConfig(scene=not args.no_scene, retrain_pruned=not args.no_retrain,
+                               max_off_class_fraction=args.max_off_class))
     elif cmd == "app":
         from curate.fiftyone_bridge import app
 

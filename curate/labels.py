@@ -25,12 +25,14 @@ Last, a photo with a confidently found face (`FlagConfig.sure_face`) is ranked f
 other scores: such a detection is all but certain evidence, which the weighted mean dilutes.
 In the K-fold ViT each fold's held-out photos are embedded by that fold's model, so kNN and clusters are
 computed within each fold. Then confident learning's prune and retrain (`FlagConfig.retrain_pruned`): the
-K-fold ViT is trained again on the same folds without the photos this first pass flagged `off_class`, and
-every photo is scored again with it; a model that never learned a parade as "roses" disagrees with that label.
+K-fold ViT is trained again on the same folds without the first pass's lowest-quality photos (as many as
+cleanlab estimates, at most `FlagConfig.max_pruned_fraction` of them), and every photo is scored again with
+it; a model that never learned a parade as "roses" disagrees with that label.
 
 Flags: `off_class` for the lowest-quality photos, as many as cleanlab estimates the data holds label
-issues (its confident-joint noise estimate, read from the data, never from a hand audit), and `outlier`
-for photos far from every class's main mass (robust z-score of the distance to the nearest class centre).
+issues (its confident-joint noise estimate, read from the data, never from a hand audit), at most
+`FlagConfig.max_off_class_fraction` of them (`curate flag --max-off-class`), and `outlier` for photos far
+from every class's main mass (robust z-score of the distance to the nearest class centre).
 """
 
 from __future__ import annotations
@@ -99,17 +101,23 @@ class FlagConfig:
     sure_face: float | None = 0.85
     scene: bool = True  # measure people, straight edges, depth of field and colour (curate.scene)
     outlier_z: float = 3.5  # robust z of the distance to the nearest class centre
-    max_off_class_fraction: float = 0.2  # never flag more than this share of a run as off_class
+    # never flag more than this share of a run off_class (`curate flag --max-off-class`); on flower_photos
+    # cleanlab's estimate is higher still, so this sets the flag's length: a shorter review list with higher
+    # precision (docs/flagging.md). It never changes label_quality, nor what the retrain leaves out
+    max_off_class_fraction: float = 0.2
     image_size: int = 96  # decode size of the cheap features
     group_folds: bool = True  # K-fold ViT: keep visual clusters of a first all-data ViT within one fold
     group_size: int = 20  # photos per visual group for the grouped folds
     vit: Preset | None = None  # the K-fold ViT's recipe; None = train.presets.FLAG (48 px, 15 epochs)
     flip_tta: bool = True  # average each K-fold model's predictions over the photo and its mirror image
-    # confident learning's prune and retrain: train the K-fold ViT a second time, same folds, without the photos
-    # the first pass flagged off_class, and score every photo again with it. A model that never learned the
-    # parade or the portrait shoot as "roses" disagrees with those labels (bench/flag_eval.py: label_quality AP
-    # 0.571 -> 0.586, recall in the top 2x positives .62 -> .66); it doubles the ViT's training time
+    # confident learning's prune and retrain: train the K-fold ViT a second time, same folds, without the first
+    # pass's most suspicious photos (max_pruned_fraction), and score every photo again with it. A model that
+    # never learned the parade or the portrait shoot as "roses" disagrees with those labels (bench/flag_eval.py:
+    # label_quality AP 0.571 -> 0.586, recall in the top 2x positives .62 -> .66); it doubles the ViT's training
     retrain_pruned: bool = True
+    # the retrain leaves out the first pass's lowest-quality photos, as many as cleanlab estimates, at most
+    # this share of the run: apart from max_off_class_fraction, so that shortening the flag never retrains
+    max_pruned_fraction: float = 0.2
     seed: int = 0
 
 
@@ -352,15 +360,16 @@ def score(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, oof_probs:
             "models_disagreeing": disagreeing, "centre_z": centre_z}
 
 
-def choose_flags(s: dict, cfg: FlagConfig) -> tuple[np.ndarray, np.ndarray]:
+def choose_flags(s: dict, cfg: FlagConfig, max_fraction: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(off_class mask, outlier mask) from the score distribution.
 
     off_class: the n lowest label_quality photos, n = the number of label issues cleanlab estimates
-    (capped at `max_off_class_fraction`). outlier: photos whose distance to the nearest class centre is
-    an extreme robust z-score.
+    (capped at `max_fraction` of the photos, default `cfg.max_off_class_fraction`). outlier: photos whose
+    distance to the nearest class centre is an extreme robust z-score.
     """
     quality = s["label_quality"]
-    n = int(min(s["issues"].sum(), cfg.max_off_class_fraction * len(quality)))
+    cap = cfg.max_off_class_fraction if max_fraction is None else max_fraction
+    n = int(min(s["issues"].sum(), cap * len(quality)))
     off = np.zeros(len(quality), dtype=bool)
     if n:
         off[np.argsort(quality, kind="stable")[:n]] = True
@@ -381,6 +390,9 @@ def flag(run: str | Path | None, folds: int = 5, embeddings: str | None = None, 
     cfg.folds = folds
     if folds < 2:
         raise CurateError(f"--folds {folds}: need at least 2 folds")
+    for name in ("max_off_class_fraction", "max_pruned_fraction"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise CurateError(f"{name} = {getattr(cfg, name)}: expected a share of the photos, 0 to 1")
     run_dir = resolve_run_dir(run)
     kind = embeddings or ("features" if fast else "vit")
     if fast and kind != "features":
@@ -426,14 +438,15 @@ def flag(run: str | Path | None, folds: int = 5, embeddings: str | None = None, 
                          lookalike_space=feats.embeddings, certainty=certainty)
 
         s = score_with(rep)
+        if rep.name == "vit" and cfg.retrain_pruned:
+            pruned, _ = choose_flags(s, cfg, cfg.max_pruned_fraction)
+            if pruned.any():
+                log.info("flag: training the %d-fold ViT again without the %d lowest-quality photos",
+                         cfg.folds, pruned.sum())
+                rep = embed.vit_kfold(run_dir, data_root, good, classes, cfg, progress=progress,
+                                      recipe=cfg.vit, exclude=pruned)
+                s = score_with(rep)
         off, outlier = choose_flags(s, cfg)
-        if rep.name == "vit" and cfg.retrain_pruned and off.any():
-            log.info("flag: training the %d-fold ViT again without the %d photos flagged off_class",
-                     cfg.folds, off.sum())
-            rep = embed.vit_kfold(run_dir, data_root, good, classes, cfg, progress=progress,
-                                  recipe=cfg.vit, exclude=off)
-            s = score_with(rep)
-            off, outlier = choose_flags(s, cfg)
         if scene_measures is not None:
             s["scene"] = scene_measures
         _write_outputs(run_dir, df, ok, good, classes, labels, rep, s, off, outlier)

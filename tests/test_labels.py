@@ -191,6 +191,30 @@ def test_flag_fast_end_to_end_on_real_photos(small_dataset, tmp_path):
     assert not np.allclose(alone["label_quality"], scored["label_quality"])
 
 
+def test_max_off_class_shortens_the_flag_and_leaves_the_ranking_alone(small_dataset, tmp_path):
+    from badinputs import run_cli
+
+    run = _scanned_run(small_dataset, tmp_path / "run")
+    assert run_cli(["flag", "--run", str(run), "--fast", "-q"])[0] == 0
+    full = read_manifest(run / "manifest.csv")
+    full_off = full["flags"].fillna("").str.contains("off_class").to_numpy()
+    assert full_off.sum() >= 3  # cleanlab finds issues on these photos; the cap must have something to cut
+
+    share = (full_off.sum() - 2) / len(full)
+    assert run_cli(["flag", "--run", str(run), "--fast", "-q", "--max-off-class", str(share)])[0] == 0
+    short = read_manifest(run / "manifest.csv")
+    short_off = short["flags"].fillna("").str.contains("off_class").to_numpy()
+    pd.testing.assert_series_equal(short["label_quality"], full["label_quality"])
+    assert short_off.sum() == int(share * len(full)) and not (short_off & ~full_off).any()
+    # the flag is the lowest label_quality photos
+    assert short.loc[short_off, "label_quality"].max() <= short.loc[~short_off, "label_quality"].min()
+
+    assert run_cli(["flag", "--run", str(run), "--fast", "-q", "--max-off-class", "0"])[0] == 0
+    assert not read_manifest(run / "manifest.csv")["flags"].fillna("").str.contains("off_class").any()
+    rc, _, err = run_cli(["flag", "--run", str(run), "--fast", "-q", "--max-off-class", "1.5"])
+    assert rc == 2 and "max_off_class_fraction = 1.5" in err and "0 to 1" in err
+
+
 def test_flag_usage_errors(small_dataset, tmp_path):
     run = _scanned_run(small_dataset, tmp_path / "run")
     with pytest.raises(CurateError, match="at least 2 folds"):
@@ -260,3 +284,12 @@ def test_flag_retrains_the_kfold_vit_without_the_photos_it_flagged(small_dataset
     oof = np.load(run / "oof_vit.npy")
     assert (again["pred_vit"] == np.array(sorted(set(again["label"])))[oof.argmax(1)]).all()
     assert again["label_quality"].between(0, 1).all() and again["label_quality"].notna().all()
+
+    # a shorter flag leaves what the retrain left out, and so the ranking, as it was (its folds are reused)
+    calls.clear()
+    L.flag(run, folds=2, embeddings="vit", progress=False, config=dataclasses.replace(cfg, max_off_class_fraction=0.05))
+    np.testing.assert_array_equal(calls[1], first_off)
+    short = read_manifest(run / "manifest.csv")
+    pd.testing.assert_series_equal(short["label_quality"], again["label_quality"])
+    assert short["flags"].fillna("").str.contains("off_class").sum() <= int(0.05 * len(short))
+    assert len(list((run / "cache").glob("vit_fold*of2_*.npz"))) == 4
