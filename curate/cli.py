@@ -20,6 +20,17 @@ from curate.io import CurateError
 log = logging.getLogger("curate")
 
 
+def _share(text: str) -> float:
+    """argparse type: a share of the photos, 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: expected a share of the photos, 0 to 1 (e.g. 0.07)")
+    return value
+
+
 def _add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
     # Subcommands suppress the default so `curate -q scan` and `curate scan -q` both work.
     default = False if top else argparse.SUPPRESS
@@ -73,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score with the first K-fold ViT only; by default it is trained a second time, same "
                    "folds, without the photos the first pass found most suspicious, and every photo is "
                    "scored again with that cleaner model (better ranking, twice the training time)")
-    p.add_argument("--max-off-class", type=float, default=0.2, metavar="SHARE",
+    p.add_argument("--max-off-class", type=_share, default=0.2, metavar="SHARE",
                    help="flag at most this share of the photos off_class (default: 0.2). The flag takes the "
                    "lowest label_quality photos, as many as cleanlab estimates are label issues, up to this "
                    "cap; a smaller share gives a shorter review list with higher precision "

@@ -113,7 +113,8 @@ class FlagConfig:
     # confident learning's prune and retrain: train the K-fold ViT a second time, same folds, without the first
     # pass's most suspicious photos (max_pruned_fraction), and score every photo again with it. A model that
     # never learned the parade or the portrait shoot as "roses" disagrees with those labels (bench/flag_eval.py:
-    # label_quality AP 0.571 -> 0.586, recall in the top 2x positives .62 -> .66); it doubles the ViT's training
+    # label_quality AP 0.571 -> 0.586, recall in the top 2x positives .62 -> .66); it doubles the ViT's
+    # training time
     retrain_pruned: bool = True
     # the retrain leaves out the first pass's lowest-quality photos, as many as cleanlab estimates, at most
     # this share of the run: apart from max_off_class_fraction, so that shortening the flag never retrains

@@ -211,8 +211,11 @@ def test_max_off_class_shortens_the_flag_and_leaves_the_ranking_alone(small_data
 
     assert run_cli(["flag", "--run", str(run), "--fast", "-q", "--max-off-class", "0"])[0] == 0
     assert not read_manifest(run / "manifest.csv")["flags"].fillna("").str.contains("off_class").any()
-    rc, _, err = run_cli(["flag", "--run", str(run), "--fast", "-q", "--max-off-class", "1.5"])
-    assert rc == 2 and "max_off_class_fraction = 1.5" in err and "0 to 1" in err
+    for bad in ("1.5", "-0.1", "a lot"):
+        rc, _, err = run_cli(["flag", "--run", str(run), "--fast", "-q", "--max-off-class", bad])
+        assert rc == 2 and f"--max-off-class: {bad}: expected a share of the photos, 0 to 1" in err, err
+    with pytest.raises(CurateError, match="max_off_class_fraction = 1.5: expected a share"):
+        L.flag(run, fast=True, progress=False, config=L.FlagConfig(max_off_class_fraction=1.5))
 
 
 def test_flag_usage_errors(small_dataset, tmp_path):
