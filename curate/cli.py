@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds per manifest for compare (default: 3)")
     p.add_argument("--epochs", type=int, metavar="N", help="override the compare preset's epochs")
     p.add_argument("--skip-compare", action="store_true", help="do not retrain (no before/after accuracy)")
+    p.add_argument("--max-off-class", type=_share, default=0.2, metavar="SHARE",
+                   help="flag (and so the default export removes) at most this share of the photos off_class "
+                   "(default: 0.2; see `curate flag --help`)")
     p.add_argument("--no-scene", action="store_true",
                    help="flag without the scene measures (see `curate flag --help`)")
     _add_common(p)
@@ -236,7 +239,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         run(args.data, source=args.source, out=args.out, fast=args.fast, preset=args.preset,
             seeds=args.seeds, compare=not args.skip_compare, progress=progress, epochs=args.epochs,
-            scene=not args.no_scene)
+            scene=not args.no_scene, max_off_class=args.max_off_class)
     return 0
 
 

@@ -114,12 +114,13 @@ def _pipeline_lock(run_dir: Path) -> Iterator[None]:
 def run(data: str | os.PathLike = "flower_photos", source: str | os.PathLike | None = None,
         out: str | os.PathLike | None = None, fast: bool = False, preset: str = "cpu", seeds: int = 3,
         compare: bool = True, progress: bool = True, policy: str = "default", epochs: int | None = None,
-        scene: bool = True) -> Path:
+        scene: bool = True, max_off_class: float = 0.2) -> Path:
     """Fetch (if DATA is missing), scan, flag, export, compare (unless `compare=False`) and report.
 
     `epochs` overrides the compare preset's number of epochs (None: the preset's own); `scene=False`
     flags without the scene measures (people, straight edges, depth of field, colour;
-    `curate flag --no-scene`).
+    `curate flag --no-scene`); `max_off_class` caps the share of photos flagged off_class (and so removed
+    by the default export policy; `curate flag --max-off-class`).
 
     Returns the report's path (`<run>/index.html`).
     """
@@ -132,7 +133,8 @@ def run(data: str | os.PathLike = "flower_photos", source: str | os.PathLike | N
     started = time.monotonic()
     with _pipeline_lock(run_dir):
         state = PipelineState(run_dir)
-        stages = _stages(data, source, run_dir, fast, preset, seeds, compare, progress, policy, epochs, scene)
+        stages = _stages(data, source, run_dir, fast, preset, seeds, compare, progress, policy, epochs, scene,
+                         max_off_class)
         total = len(stages)
         for i, stage in enumerate(stages, 1):
             if stage.name == "fetch":
@@ -178,11 +180,15 @@ def _provided(state: dict, stage: str) -> dict | None:
 
 
 def _stages(data: Path, source, run_dir: Path, fast: bool, preset: str, seeds: int, do_compare: bool,
-            progress: bool, policy: str, epochs: int | None = None, scene: bool = True) -> list[Stage]:
+            progress: bool, policy: str, epochs: int | None = None, scene: bool = True,
+            max_off_class: float = 0.2) -> list[Stage]:
     from curate.labels import FlagConfig
 
+    def flag_config() -> FlagConfig:
+        return FlagConfig(scene=scene, max_off_class_fraction=max_off_class)
+
     # the flag stage's key holds its whole recipe: a run scored with other weights or detectors is redone
-    flag_recipe = repr(FlagConfig(scene=scene))
+    flag_recipe = repr(flag_config())
 
     def scan_run() -> None:
         from curate.scan import scan
@@ -192,7 +198,7 @@ def _stages(data: Path, source, run_dir: Path, fast: bool, preset: str, seeds: i
     def flag_run() -> None:
         from curate.labels import flag
 
-        flag(run_dir, fast=fast, progress=progress, config=FlagConfig(scene=scene))
+        flag(run_dir, fast=fast, progress=progress, config=flag_config())
 
     def export_run() -> None:
         from curate.export import export

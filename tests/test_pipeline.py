@@ -83,3 +83,12 @@ def test_skip_compare_still_reports(small_dataset: Path, capsys):
     lines = _stage_lines(capsys.readouterr().err)
     assert lines["scan"] == "skipped" and lines["flag"] == "ran" and lines["report"] == "ran"
     assert "q_face" not in Path("r/manifest.csv").read_text().splitlines()[0]
+
+    # so does --max-off-class: a shorter flag, and export removes fewer photos
+    removed = json.loads(Path("r/export.json").read_text())["removed_by_reason"]["off_class"]
+    assert removed >= 1
+    assert cli.main(["run", str(small_dataset), "--fast", "--skip-compare", "--out", "r", "--no-scene",
+                     "--max-off-class", "0"]) == 0
+    lines = _stage_lines(capsys.readouterr().err)
+    assert lines["scan"] == "skipped" and lines["flag"] == "ran" and lines["export"] == "ran"
+    assert json.loads(Path("r/export.json").read_text())["removed_by_reason"]["off_class"] == 0
