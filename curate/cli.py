@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score with the first K-fold ViT only; by default it is trained a second time, same "
                    "folds, without the photos the first pass found most suspicious, and every photo is "
                    "scored again with that cleaner model (better ranking, twice the training time)")
-    p.add_argument("--max-off-class", type=_share, default=0.2, metavar="SHARE",
+    p.add_argument("--max-off-class", type=_share, metavar="SHARE",
                    help="flag at most this share of the photos off_class (default: 0.2). The flag takes the "
                    "lowest label_quality photos, as many as cleanlab estimates are label issues, up to this "
                    "cap; a smaller share gives a shorter review list with higher precision "
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds per manifest for compare (default: 3)")
     p.add_argument("--epochs", type=int, metavar="N", help="override the compare preset's epochs")
     p.add_argument("--skip-compare", action="store_true", help="do not retrain (no before/after accuracy)")
-    p.add_argument("--max-off-class", type=_share, default=0.2, metavar="SHARE",
+    p.add_argument("--max-off-class", type=_share, metavar="SHARE",
                    help="flag (and so the default export removes) at most this share of the photos off_class "
                    "(default: 0.2; see `curate flag --help`)")
     p.add_argument("--no-scene", action="store_true",
@@ -195,9 +195,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif cmd == "flag":
         from curate.labels import FlagConfig, flag
 
+        config = FlagConfig(scene=not args.no_scene, retrain_pruned=not args.no_retrain)
+        if args.max_off_class is not None:  # else FlagConfig's default, kept in one place
+            config.max_off_class_fraction = args.max_off_class
         flag(args.run, folds=args.folds, embeddings=args.embeddings, fast=args.fast, progress=progress,
-             config=FlagConfig(scene=not args.no_scene, retrain_pruned=not args.no_retrain,
-                               max_off_class_fraction=args.max_off_class))
+             config=config)
     elif cmd == "app":
         from curate.fiftyone_bridge import app
 

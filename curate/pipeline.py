@@ -114,13 +114,13 @@ def _pipeline_lock(run_dir: Path) -> Iterator[None]:
 def run(data: str | os.PathLike = "flower_photos", source: str | os.PathLike | None = None,
         out: str | os.PathLike | None = None, fast: bool = False, preset: str = "cpu", seeds: int = 3,
         compare: bool = True, progress: bool = True, policy: str = "default", epochs: int | None = None,
-        scene: bool = True, max_off_class: float = 0.2) -> Path:
+        scene: bool = True, max_off_class: float | None = None) -> Path:
     """Fetch (if DATA is missing), scan, flag, export, compare (unless `compare=False`) and report.
 
     `epochs` overrides the compare preset's number of epochs (None: the preset's own); `scene=False`
     flags without the scene measures (people, straight edges, depth of field, colour;
     `curate flag --no-scene`); `max_off_class` caps the share of photos flagged off_class (and so removed
-    by the default export policy; `curate flag --max-off-class`).
+    by the default export policy; `curate flag --max-off-class`; None: FlagConfig's default).
 
     Returns the report's path (`<run>/index.html`).
     """
@@ -181,11 +181,14 @@ def _provided(state: dict, stage: str) -> dict | None:
 
 def _stages(data: Path, source, run_dir: Path, fast: bool, preset: str, seeds: int, do_compare: bool,
             progress: bool, policy: str, epochs: int | None = None, scene: bool = True,
-            max_off_class: float = 0.2) -> list[Stage]:
+            max_off_class: float | None = None) -> list[Stage]:
     from curate.labels import FlagConfig
 
     def flag_config() -> FlagConfig:
-        return FlagConfig(scene=scene, max_off_class_fraction=max_off_class)
+        config = FlagConfig(scene=scene)
+        if max_off_class is not None:
+            config.max_off_class_fraction = max_off_class
+        return config
 
     # the flag stage's key holds its whole recipe: a run scored with other weights or detectors is redone
     flag_recipe = repr(flag_config())
