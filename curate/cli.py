@@ -193,11 +193,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         scan(args.data, out=args.out, workers=args.workers, engine=args.engine, scheduler=args.scheduler,
              use_cache=not args.no_cache, progress=progress)
     elif cmd == "flag":
-        from curate.labels import FlagConfig, flag
+        from curate.labels import flag, flag_config
 
-        config = FlagConfig(scene=not args.no_scene, retrain_pruned=not args.no_retrain)
-        if args.max_off_class is not None:  # else FlagConfig's default, kept in one place
-            config.max_off_class_fraction = args.max_off_class
+        config = flag_config(scene=not args.no_scene, retrain_pruned=not args.no_retrain,
+                             max_off_class=args.max_off_class)
         flag(args.run, folds=args.folds, embeddings=args.embeddings, fast=args.fast, progress=progress,
              config=config)
     elif cmd == "app":

@@ -122,6 +122,15 @@ class FlagConfig:
     seed: int = 0
 
 
+def flag_config(scene: bool = True, retrain_pruned: bool = True, max_off_class: float | None = None) -> FlagConfig:
+    """FlagConfig from the command line's options (`curate flag`, `curate run`); `max_off_class=None` keeps
+    FlagConfig's own default, so that default lives in one place."""
+    config = FlagConfig(scene=scene, retrain_pruned=retrain_pruned)
+    if max_off_class is not None:
+        config.max_off_class_fraction = max_off_class
+    return config
+
+
 # ---------------------------------------------------------------- scoring functions (pure, arrays in/out)
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -387,8 +396,7 @@ def flag(run: str | Path | None, folds: int = 5, embeddings: str | None = None, 
     """
     from curate import embed
 
-    cfg = config or FlagConfig(folds=folds)
-    cfg.folds = folds
+    cfg = dataclasses.replace(config or FlagConfig(), folds=folds)  # the caller's config is left as it was
     if folds < 2:
         raise CurateError(f"--folds {folds}: need at least 2 folds")
     for name in ("max_off_class_fraction", "max_pruned_fraction"):

@@ -182,16 +182,11 @@ def _provided(state: dict, stage: str) -> dict | None:
 def _stages(data: Path, source, run_dir: Path, fast: bool, preset: str, seeds: int, do_compare: bool,
             progress: bool, policy: str, epochs: int | None = None, scene: bool = True,
             max_off_class: float | None = None) -> list[Stage]:
-    from curate.labels import FlagConfig
-
-    def flag_config() -> FlagConfig:
-        config = FlagConfig(scene=scene)
-        if max_off_class is not None:
-            config.max_off_class_fraction = max_off_class
-        return config
+    from curate.labels import flag_config
 
     # the flag stage's key holds its whole recipe: a run scored with other weights or detectors is redone
-    flag_recipe = repr(flag_config())
+    config = flag_config(scene=scene, max_off_class=max_off_class)
+    flag_recipe = repr(config)
 
     def scan_run() -> None:
         from curate.scan import scan
@@ -201,7 +196,7 @@ def _stages(data: Path, source, run_dir: Path, fast: bool, preset: str, seeds: i
     def flag_run() -> None:
         from curate.labels import flag
 
-        flag(run_dir, fast=fast, progress=progress, config=flag_config())
+        flag(run_dir, fast=fast, progress=progress, config=config)
 
     def export_run() -> None:
         from curate.export import export
