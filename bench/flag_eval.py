@@ -7,8 +7,9 @@ The manifest must carry `filepath` and a score column where LOW means suspicious
 `q_*`). Audit rows with role `positive` are the positives, role `ignore` rows are left out, and every
 photo the audit does not list is a negative. Unscored rows (empty score, e.g. unreadable files) rank last.
 
-Prints: average precision (AP), recall among the top 2x(number of positives), precision and recall of the
-`off_class` flag (and of `off_class` or `outlier`), the AP of each `q_*` column alone, and AP per class.
+Prints: average precision (AP) with a 95% bootstrap interval over the audited photos, recall among the top
+2x(number of positives), precision and recall of the `off_class` flag (and of `off_class` or `outlier`), the
+AP of each `q_*` column alone, and AP per class.
 """
 
 from __future__ import annotations
@@ -68,6 +69,30 @@ def ranking_scores(filepaths: pd.Series, quality: np.ndarray, audit: pd.DataFram
     }
 
 
+def ap_interval(filepaths: pd.Series, quality: np.ndarray, audit: pd.DataFrame, resamples: int = 1000,
+                seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of the AP: the audited photos resampled with replacement.
+
+    With under 200 positives the AP of one ranking is itself uncertain by several points; this says how
+    many, so a target like AP >= 0.6 is read against it (differences between two rankings need a paired
+    bootstrap instead: bench/flag_ablation.py)."""
+    truth = truth_of(filepaths, audit)
+    keep = truth.notna().to_numpy()
+    y = truth.to_numpy()[keep].astype(int)
+    q = np.asarray(quality, dtype=float)[keep]
+    suspicion = np.where(np.isnan(q), np.nanmin(-q) - 1 if (~np.isnan(q)).any() else 0.0, -q)
+    rng = np.random.default_rng(seed)
+    aps = []
+    for _ in range(resamples):
+        b = rng.integers(0, len(y), len(y))
+        if 0 < y[b].sum() < len(b):
+            aps.append(average_precision_score(y[b], suspicion[b]))
+    if not aps:
+        return float("nan"), float("nan")
+    lo, hi = np.percentile(aps, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
 def flag_scores(filepaths: pd.Series, flagged: np.ndarray, audit: pd.DataFrame) -> dict:
     truth = truth_of(filepaths, audit)
     keep = truth.notna().to_numpy()
@@ -87,6 +112,7 @@ def evaluate(manifest: pd.DataFrame, column: str = "label_quality", audit: pd.Da
     audit = load_audit() if audit is None else audit
     fp = manifest["filepath"].astype(str)
     out: dict = {"column": column, "overall": ranking_scores(fp, manifest[column].to_numpy(float), audit)}
+    out["overall"]["ap_95"] = ap_interval(fp, manifest[column].to_numpy(float), audit)
     out["components"] = {c: ranking_scores(fp, manifest[c].to_numpy(float), audit)["ap"]
                          for c in manifest.columns if c.startswith("q_")}
     out["per_class"] = {}
@@ -104,8 +130,10 @@ def evaluate(manifest: pd.DataFrame, column: str = "label_quality", audit: pd.Da
 def print_report(res: dict) -> None:
     o = res["overall"]
     print(f"machine: {platform.node()} {platform.machine()} ({platform.processor() or 'cpu'})")
-    print(f"column {res['column']}: AP {o['ap']:.3f} (base rate {o.get('base_rate', float('nan')):.3f}, "
-          f"{o['positives']} positives / {o['n']} scored), recall@2P {o['recall_at_2p']:.3f}")
+    lo, hi = o.get("ap_95", (float("nan"), float("nan")))
+    print(f"column {res['column']}: AP {o['ap']:.3f} [95% {lo:.3f}-{hi:.3f}] "
+          f"(base rate {o.get('base_rate', float('nan')):.3f}, {o['positives']} positives / {o['n']} scored), "
+          f"recall@2P {o['recall_at_2p']:.3f}")
     for name in ("flag_off_class", "flag_off_class_or_outlier"):
         if name in res:
             f = res[name]

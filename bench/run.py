@@ -218,7 +218,8 @@ def bench_flag(args, ctx: dict) -> Step:
         r = json.loads(js.read_text())
         o = r["overall"]
         step.add("label_quality AP vs hand audit", round(o["ap"], 3), "",
-                 f"base rate {o.get('base_rate', float('nan')):.3f}, {o['positives']} positives")
+                 f"95% bootstrap {o['ap_95'][0]:.3f}-{o['ap_95'][1]:.3f}, base rate "
+                 f"{o.get('base_rate', float('nan')):.3f}, {o['positives']} positives")
         step.add("recall@2P", round(o["recall_at_2p"], 3), "")
         if "flag_off_class" in r:
             f = r["flag_off_class"]
