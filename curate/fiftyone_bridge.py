@@ -471,8 +471,10 @@ def _cluster_views(F, dataset, run_dir: Path, manifest: pd.DataFrame, cfg: Bridg
     flagged = manifest["flags"].map(lambda c: any(f in OFF_CLASS_FLAGS for f in flags_of(c)))
     cluster_ids = pd.to_numeric(manifest["cluster"], errors="coerce")
     share = flagged.groupby([manifest["label"], cluster_ids]).mean()
-    if "score" in clusters.columns:
-        clusters = clusters.sort_values("score", kind="stable")  # clusters.csv: low score = suspicious
+    # most suspicious first (clusters.csv is written that way; sorted again for older or hand-edited files)
+    order = [c for c in ("mean_label_quality", "score") if c in clusters.columns]
+    if order:
+        clusters = clusters.sort_values(order, kind="stable")
     out = {}
     for row in clusters.itertuples(index=False):
         try:
@@ -488,7 +490,7 @@ def _cluster_views(F, dataset, run_dir: Path, manifest: pd.DataFrame, cfg: Bridg
             view = view.sort_by([("label_quality", 1), ("filepath", 1)])
         out[f"cluster_{_field_name(str(row.label))}_{cid}"] = view
         if len(out) >= cfg.max_cluster_views:
-            log.warning("%s: more than %d flagged clusters; views made for the %d lowest scores only",
+            log.warning("%s: more than %d flagged clusters; views made for the %d most suspicious only",
                         path, cfg.max_cluster_views, cfg.max_cluster_views)
             break
     return out

@@ -514,7 +514,11 @@ def _write_outputs(run_dir: Path, df: pd.DataFrame, ok: np.ndarray, good: pd.Dat
 
 def _cluster_table(good: pd.DataFrame, classes: list[str], labels: np.ndarray, s: dict,
                    examples: int = 5) -> pd.DataFrame:
-    """One row per within-class cluster, lowest score first, with its most suspicious example files."""
+    """One row per within-class cluster, most suspicious first, with its most suspicious example files.
+
+    `score` is the cluster's own structure score (q_cluster: small and unlike its class); the order is by
+    `mean_label_quality`, its members' mean final label_quality, because that carries every component:
+    a reviewer who rejects whole clusters finds more off-class photos per photo looked at that way."""
     rows = []
     for r in s["clusters"].itertuples():
         members = np.flatnonzero((labels == r.label_index) & (s["cluster"] == r.cluster))
@@ -524,4 +528,4 @@ def _cluster_table(good: pd.DataFrame, classes: list[str], labels: np.ndarray, s
                      "mean_label_quality": round(float(s["label_quality"][members].mean()), 4),
                      "examples": ";".join(good["filepath"].iloc[members[:examples]])})
     table = pd.DataFrame(rows, columns=["label", "cluster", "size", "score", "mean_label_quality", "examples"])
-    return table.sort_values(["score", "label", "cluster"]).reset_index(drop=True)
+    return table.sort_values(["mean_label_quality", "score", "label", "cluster"]).reset_index(drop=True)

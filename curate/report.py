@@ -500,17 +500,24 @@ def _num(v) -> str:
         return html.escape(str(v))
 
 
-def section_clusters(art: RunArtifacts) -> str:
+def section_clusters(art: RunArtifacts, rows: int = 15) -> str:
+    """The most suspicious clusters of clusters.csv: lowest mean label_quality first (low = suspicious;
+    files without that column fall back to the cluster's own structure score, also low = suspicious)."""
     c = art.clusters
-    if c is None or c.empty or "score" not in c.columns:
+    if c is None or c.empty:
         return ""
-    c = c.assign(_s=pd.to_numeric(c["score"], errors="coerce")).sort_values("_s", ascending=False).head(15)
-    cols = [k for k in ("label", "cluster", "size", "score") if k in c.columns]
+    keys = [k for k in ("mean_label_quality", "score") if k in c.columns]
+    if not keys:
+        return ""
+    c = c.assign(**{f"_{k}": pd.to_numeric(c[k], errors="coerce") for k in keys})
+    c = c.sort_values([f"_{k}" for k in keys], kind="stable", na_position="last").head(rows)
+    cols = [k for k in ("label", "cluster", "size", "mean_label_quality", "score") if k in c.columns]
+    numeric = {"mean_label_quality", "score"}
     head = "".join(f"<th>{k}</th>" for k in cols)
-    body = "".join("<tr>" + "".join(f"<td>{_num(r[k]) if k == 'score' else html.escape(str(r[k]))}</td>"
+    body = "".join("<tr>" + "".join(f"<td>{_num(r[k]) if k in numeric else html.escape(str(r[k]))}</td>"
                                     for k in cols) + "</tr>" for _, r in c.iterrows())
-    return (f"<h3>Most suspicious clusters (clusters.csv)</h3><p class='sub'>A whole cluster can be rejected at once "
-            f"in the App.</p><table><tr>{head}</tr>{body}</table>")
+    return (f"<h3>Most suspicious clusters (clusters.csv)</h3><p class='sub'>Lowest mean label_quality first. "
+            f"A whole cluster can be rejected at once in the App.</p><table><tr>{head}</tr>{body}</table>")
 
 
 def section_low_quality(art: RunArtifacts, thumbs: Thumbnails) -> str:

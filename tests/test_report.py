@@ -13,7 +13,7 @@ from curate import cli
 from curate.compare import _fingerprint, compare, training_manifests
 from curate.export import export
 from curate.io import data_root_of, read_manifest
-from curate.report import compare_verdict, report
+from curate.report import compare_verdict, load_artifacts, report, section_clusters
 
 
 def _scanned_run(data: Path, run_dir: Path, flagged: bool) -> tuple[Path, str]:
@@ -150,3 +150,21 @@ def test_report_survives_unreadable_artifacts(full_run):
     assert 'class="nothumb" title="daisy/gone.jpg"' in page.read_text()  # a grey cell, not a crash
     _, errors = open_in_chromium(page)
     assert errors == []
+
+
+def test_cluster_section_lists_the_most_suspicious_clusters_first(full_run):
+    # clusters.csv: low mean_label_quality (and low score) = suspicious; 20 clusters, the section shows 15
+    run, _ = full_run
+    art = load_artifacts(run)
+    art.clusters = pd.DataFrame({"label": "roses", "cluster": range(20), "size": 10,
+                                 "score": [(19 - k) / 19 for k in range(20)],
+                                 "mean_label_quality": [0.9 - 0.04 * k for k in range(20)],
+                                 "examples": ""})
+    rows = section_clusters(art).split("<tr>")[2:]
+    assert len(rows) == 15
+    assert [r.split("</td><td>")[1] for r in rows[:3]] == ["19", "18", "17"]  # lowest mean_label_quality first
+    assert not any(r.split("</td><td>")[1] == "0" for r in rows)  # the least suspicious is left out
+    # an older clusters.csv without mean_label_quality: the structure score, low first
+    art.clusters = art.clusters.drop(columns="mean_label_quality").assign(score=[k / 19 for k in range(20)])
+    rows = section_clusters(art).split("<tr>")[2:]
+    assert [r.split("</td><td>")[1] for r in rows[:2]] == ["0", "1"]
