@@ -306,15 +306,20 @@ def test_cluster_views_go_to_the_most_suspicious_clusters_first(built, tmp_path)
 
     from curate.fiftyone_bridge import BridgeConfig, _cluster_views
 
-    # one view allowed, every cluster eligible: it goes to the lowest mean label_quality, not the lowest score
+    # every cluster eligible, one view allowed: it goes to the lowest mean label_quality, not the lowest score
     run_dir, m, ds = built
-    pd.DataFrame([("roses", 1, 3, -2.0, 0.60, ""), ("daisy", 0, 6, 0.9, 0.20, ""), ("roses", 0, 3, 0.5, 0.40, "")],
+    # (a hand-edited row with no number sorts last instead of breaking the build)
+    pd.DataFrame([("tulips", 0, 3, -3.0, "unknown", ""), ("roses", 1, 3, -2.0, 0.60, ""),
+                  ("daisy", 0, 6, 0.9, 0.20, ""), ("roses", 0, 3, 0.5, 0.40, "")],
                  columns=["label", "cluster", "size", "score", "mean_label_quality", "examples"]
                  ).to_csv(tmp_path / "clusters.csv", index=False)
     cfg = BridgeConfig(cluster_view_min_flagged_share=0.0, max_cluster_views=1)
     views = _cluster_views(fo.ViewField, ds, tmp_path, m, cfg)
     assert list(views) == ["cluster_daisy_0"]
     assert set(views["cluster_daisy_0"].values("ground_truth.label")) == {"daisy"}
+    cfg = BridgeConfig(cluster_view_min_flagged_share=0.0, max_cluster_views=4)
+    views = _cluster_views(fo.ViewField, ds, tmp_path, m, cfg)
+    assert list(views) == ["cluster_daisy_0", "cluster_roses_0", "cluster_roses_1", "cluster_tulips_0"]
 
 
 def test_rebuild_is_idempotent_updates_fields_and_keeps_review_tags(built):
