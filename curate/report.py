@@ -323,7 +323,8 @@ h3{font-size:16px;margin:18px 0 6px}
 .card{background:#fff;border-radius:8px;padding:12px 16px;box-shadow:0 1px 3px rgba(0,0,0,.08);min-width:140px}
 .card b{display:block;font-size:24px}.card span{color:#52606d;font-size:13px}
 .good{color:#137333}.bad{color:#b3261e}
-table{border-collapse:collapse;background:#fff;box-shadow:0 1px 3px rgba(0,0,0,.06);margin:8px 0}
+table{border-collapse:collapse;background:#fff;box-shadow:0 1px 3px rgba(0,0,0,.06);margin:8px 0;
+  display:block;width:max-content;max-width:100%;overflow-x:auto}
 th,td{padding:5px 10px;border-bottom:1px solid #e4e7eb;text-align:left;vertical-align:middle;font-size:14px}
 th{background:#f0f4f8}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .strip{display:flex;flex-wrap:wrap;gap:6px}

@@ -73,12 +73,17 @@ def add_flag(manifest: pd.DataFrame, filepath: str, flag: str) -> None:
 
 
 def add_flag_columns(manifest: pd.DataFrame, suggestions: dict[str, str] | None = None) -> pd.DataFrame:
-    """The columns `curate flag` adds; `suggestions` maps filepath -> suggested_label."""
+    """The columns `curate flag` adds (full mode, scene measures included); `suggestions` maps filepath ->
+    suggested_label."""
+    from curate.scene import SCENE_COLUMNS, SCENE_COMPONENTS
+
     m = manifest.copy()
     m["label_quality"] = np.linspace(0.99, 0.5, len(m))
-    m["q_cleanlab"] = m["label_quality"]
-    m["q_knn"] = m["label_quality"]
-    m["q_cluster"] = m["label_quality"]
+    m["lookalike_quality"] = m["label_quality"]
+    for q in ("q_cleanlab", "q_knn", "q_cluster", "q_confidence", "q_features", *SCENE_COMPONENTS):
+        m[q] = m["label_quality"]
+    for c in SCENE_COLUMNS:
+        m[c] = 0.0
     m["suggested_label"] = m["label"]
     for fp, lab in (suggestions or {}).items():
         m.loc[m["filepath"] == fp, "suggested_label"] = lab
@@ -86,6 +91,17 @@ def add_flag_columns(manifest: pd.DataFrame, suggestions: dict[str, str] | None 
     m["cluster"] = m.groupby("label").cumcount() % 2
     m["models_disagreeing"] = 0
     return m
+
+
+def horizontal_overflow_px(path: Path) -> int:
+    """How many pixels `path` is wider than headless chromium's default window (800 px): > 0 means the
+    whole page scrolls sideways instead of the one wide table."""
+    with chromium_page() as page:
+        page.call("Page.enable")
+        page.call("Page.navigate", {"url": path.resolve().as_uri()})
+        page.wait_for(lambda m: m.get("method") == "Page.loadEventFired")
+        expr = "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        return int(page.call("Runtime.evaluate", {"expression": expr, "returnByValue": True})["result"]["value"])
 
 
 def open_in_chromium(path: Path) -> tuple[list[tuple[str, bool]], list[str]]:

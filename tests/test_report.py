@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from runfolder import add_flag, add_flag_columns, manifest_of, open_in_chromium, write_run
+from runfolder import add_flag, add_flag_columns, horizontal_overflow_px, manifest_of, open_in_chromium, write_run
 
 from curate import cli
 from curate.compare import _fingerprint, compare, training_manifests
@@ -113,6 +113,8 @@ def test_report_of_a_full_run_shows_every_stage_with_the_same_numbers(full_run):
     assert "| off_class | 1 |" in md
     assert compare_verdict(compare_json) in md
     _assert_clean_page(page, min_images=15)
+    # the wide off-class table scrolls in its own box; the page itself never scrolls sideways
+    assert horizontal_overflow_px(page) == 0
 
 
 @pytest.mark.parametrize("seeds_ci, bootstrap_ci, starts", [
