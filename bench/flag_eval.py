@@ -44,8 +44,8 @@ def truth_of(filepaths: pd.Series, audit: pd.DataFrame) -> pd.Series:
     return truth
 
 
-def ranking_scores(filepaths: pd.Series, quality: np.ndarray, audit: pd.DataFrame) -> dict:
-    """AP and recall@2P of a quality score (low = suspicious) over the audited rows."""
+def audited_suspicion(filepaths: pd.Series, quality: np.ndarray, audit: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(truth 0/1, suspicion = -quality) over the audited rows (ignored rows left out)."""
     truth = truth_of(filepaths, audit)
     keep = truth.notna().to_numpy()
     y = truth.to_numpy()[keep].astype(int)
@@ -55,6 +55,12 @@ def ranking_scores(filepaths: pd.Series, quality: np.ndarray, audit: pd.DataFram
     if np.isnan(q).any():
         floor = np.nanmin(suspicion) - 1 if (~np.isnan(q)).any() else 0.0
         suspicion = np.where(np.isnan(q), floor, suspicion)
+    return y, suspicion
+
+
+def ranking_scores(filepaths: pd.Series, quality: np.ndarray, audit: pd.DataFrame) -> dict:
+    """AP and recall@2P of a quality score (low = suspicious) over the audited rows."""
+    y, suspicion = audited_suspicion(filepaths, quality, audit)
     n_pos = int(y.sum())
     if n_pos == 0:
         return {"ap": float("nan"), "recall_at_2p": float("nan"), "positives": 0, "n": int(len(y))}
@@ -76,11 +82,7 @@ def ap_interval(filepaths: pd.Series, quality: np.ndarray, audit: pd.DataFrame, 
     With under 200 positives the AP of one ranking is itself uncertain by several points; this says how
     many, so a target like AP >= 0.6 is read against it (differences between two rankings need a paired
     bootstrap instead: bench/flag_ablation.py)."""
-    truth = truth_of(filepaths, audit)
-    keep = truth.notna().to_numpy()
-    y = truth.to_numpy()[keep].astype(int)
-    q = np.asarray(quality, dtype=float)[keep]
-    suspicion = np.where(np.isnan(q), np.nanmin(-q) - 1 if (~np.isnan(q)).any() else 0.0, -q)
+    y, suspicion = audited_suspicion(filepaths, quality, audit)
     rng = np.random.default_rng(seed)
     aps = []
     for _ in range(resamples):

@@ -39,6 +39,7 @@ from curate.io import (
     resolve_run_dir,
     run_lock,
     safe_relpath,
+    suspicious_clusters_first,
 )
 
 log = logging.getLogger("curate.fiftyone")
@@ -471,10 +472,7 @@ def _cluster_views(F, dataset, run_dir: Path, manifest: pd.DataFrame, cfg: Bridg
     flagged = manifest["flags"].map(lambda c: any(f in OFF_CLASS_FLAGS for f in flags_of(c)))
     cluster_ids = pd.to_numeric(manifest["cluster"], errors="coerce")
     share = flagged.groupby([manifest["label"], cluster_ids]).mean()
-    # most suspicious first (clusters.csv is written that way; sorted again for older or hand-edited files)
-    order = [c for c in ("mean_label_quality", "score") if c in clusters.columns]
-    if order:
-        clusters = clusters.sort_values(order, kind="stable")
+    clusters = suspicious_clusters_first(clusters)  # as written; sorted again for older or hand-edited files
     out = {}
     for row in clusters.itertuples(index=False):
         try:

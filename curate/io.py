@@ -263,3 +263,19 @@ def add_flag(cell: str, flag: str) -> str:
     if flag not in names:
         names.append(flag)
     return ";".join(names)
+
+
+CLUSTER_ORDER = ("mean_label_quality", "score")  # clusters.csv columns, both low = suspicious
+
+
+def suspicious_clusters_first(clusters: pd.DataFrame) -> pd.DataFrame:
+    """clusters.csv rows, most suspicious first: by the members' mean label_quality, then the cluster's own
+    structure score (whichever of the two the table has; a cell that is not a number sorts last). Stable,
+    so rows that tie keep their order."""
+    import pandas as pd
+
+    keys = [k for k in CLUSTER_ORDER if k in clusters.columns]
+    if not keys:
+        return clusters
+    numeric = pd.DataFrame({k: pd.to_numeric(clusters[k], errors="coerce") for k in keys}, index=clusters.index)
+    return clusters.loc[numeric.sort_values(keys, kind="stable", na_position="last").index]

@@ -55,6 +55,7 @@ from curate.io import (
     read_manifest,
     resolve_run_dir,
     run_lock,
+    suspicious_clusters_first,
 )
 from curate.scene import SCENE_COLUMNS, SCENE_COMPONENTS
 from train.presets import Preset
@@ -528,4 +529,4 @@ def _cluster_table(good: pd.DataFrame, classes: list[str], labels: np.ndarray, s
                      "mean_label_quality": round(float(s["label_quality"][members].mean()), 4),
                      "examples": ";".join(good["filepath"].iloc[members[:examples]])})
     table = pd.DataFrame(rows, columns=["label", "cluster", "size", "score", "mean_label_quality", "examples"])
-    return table.sort_values(["mean_label_quality", "score", "label", "cluster"]).reset_index(drop=True)
+    return suspicious_clusters_first(table.sort_values(["label", "cluster"])).reset_index(drop=True)

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from curate.io import (
+    CLUSTER_ORDER,
     atomic_write_json,
     atomic_write_text,
     flags_of,
@@ -33,6 +34,7 @@ from curate.io import (
     resolve_run_dir,
     run_lock,
     safe_relpath,
+    suspicious_clusters_first,
 )
 
 log = logging.getLogger("curate.report")
@@ -505,15 +507,11 @@ def section_clusters(art: RunArtifacts, rows: int = 15) -> str:
     """The most suspicious clusters of clusters.csv: lowest mean label_quality first (low = suspicious;
     files without that column fall back to the cluster's own structure score, also low = suspicious)."""
     c = art.clusters
-    if c is None or c.empty:
+    if c is None or c.empty or not set(CLUSTER_ORDER) & set(c.columns):
         return ""
-    keys = [k for k in ("mean_label_quality", "score") if k in c.columns]
-    if not keys:
-        return ""
-    c = c.assign(**{f"_{k}": pd.to_numeric(c[k], errors="coerce") for k in keys})
-    c = c.sort_values([f"_{k}" for k in keys], kind="stable", na_position="last").head(rows)
-    cols = [k for k in ("label", "cluster", "size", "mean_label_quality", "score") if k in c.columns]
-    numeric = {"mean_label_quality", "score"}
+    c = suspicious_clusters_first(c).head(rows)
+    cols = [k for k in ("label", "cluster", "size", *CLUSTER_ORDER) if k in c.columns]
+    numeric = set(CLUSTER_ORDER)
     head = "".join(f"<th>{k}</th>" for k in cols)
     body = "".join("<tr>" + "".join(f"<td>{_num(r[k]) if k in numeric else html.escape(str(r[k]))}</td>"
                                     for k in cols) + "</tr>" for _, r in c.iterrows())

@@ -7,13 +7,15 @@ situation it checks instead of depending on what a detector happens to find.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from devtools import chromium_page, console_errors
+from devtools import Page, chromium_page, console_errors
 from PIL import Image
 
 MANIFEST_COLUMNS = ["filepath", "label", "bytes", "sha256", "format", "width", "height", "mode", "phash", "dhash",
@@ -93,26 +95,32 @@ def add_flag_columns(manifest: pd.DataFrame, suggestions: dict[str, str] | None 
     return m
 
 
-def horizontal_overflow_px(path: Path) -> int:
-    """How many pixels `path` is wider than headless chromium's default window (800 px): > 0 means the
-    whole page scrolls sideways instead of the one wide table."""
-    with chromium_page() as page:
-        page.call("Page.enable")
-        page.call("Page.navigate", {"url": path.resolve().as_uri()})
-        page.wait_for(lambda m: m.get("method") == "Page.loadEventFired")
-        expr = "document.documentElement.scrollWidth - document.documentElement.clientWidth"
-        return int(page.call("Runtime.evaluate", {"expression": expr, "returnByValue": True})["result"]["value"])
-
-
-def open_in_chromium(path: Path) -> tuple[list[tuple[str, bool]], list[str]]:
-    """Load `path` in headless Debian chromium; return (images as (src prefix, loaded?), console errors)."""
+@contextlib.contextmanager
+def _loaded_page(path: Path) -> Iterator[Page]:
+    """A headless chromium tab that has loaded `path` (console and log events recorded)."""
     with chromium_page() as page:
         for method in ("Runtime.enable", "Log.enable", "Page.enable"):
             page.call(method)
         page.call("Page.navigate", {"url": path.resolve().as_uri()})
         page.wait_for(lambda m: m.get("method") == "Page.loadEventFired")
+        yield page
+
+
+def _evaluate(page: Page, expr: str):
+    return page.call("Runtime.evaluate", {"expression": expr, "returnByValue": True})["result"]["value"]
+
+
+def horizontal_overflow_px(path: Path) -> int:
+    """How many pixels `path` is wider than headless chromium's default window (800 px): > 0 means the
+    whole page scrolls sideways instead of the one wide table."""
+    with _loaded_page(path) as page:
+        return int(_evaluate(page, "document.documentElement.scrollWidth - document.documentElement.clientWidth"))
+
+
+def open_in_chromium(path: Path) -> tuple[list[tuple[str, bool]], list[str]]:
+    """Load `path` in headless Debian chromium; return (images as (src prefix, loaded?), console errors)."""
+    with _loaded_page(path) as page:
         expr = ("JSON.stringify(Array.from(document.images).map(i => "
                 "[i.getAttribute('src').slice(0, 40), i.complete && i.naturalWidth > 0]))")
-        value = page.call("Runtime.evaluate", {"expression": expr, "returnByValue": True})
-        images = [tuple(x) for x in json.loads(value["result"]["value"])]
+        images = [tuple(x) for x in json.loads(_evaluate(page, expr))]
         return images, console_errors(page.events)
