@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,10 @@ from curate.scene import SCENE_COLUMNS, SCENE_COMPONENTS
 from train.presets import Preset
 
 log = logging.getLogger("curate.labels")
+
+# Below FlagConfig().knn_k photos a class cannot fill a photo's neighbourhood: its photos look unlike their
+# label to q_knn however well they fit, and cleanlab has nothing to estimate the class's noise from.
+MIN_CLASS_PHOTOS = 10
 
 FLAG_COLUMNS = ["label_quality", "lookalike_quality", "q_cleanlab", "q_knn", "q_cluster", "q_confidence",
                 "q_features", *SCENE_COMPONENTS, *SCENE_COLUMNS, "suggested_label", "cluster",
@@ -147,7 +152,9 @@ def cleanlab_quality(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray,
     probs = _safe_probs(probs)
     quality = get_label_quality_scores(labels, probs, method="self_confidence")
     try:
-        issues = find_label_issues(labels, probs, filter_by="prune_by_noise_rate")
+        with warnings.catch_warnings():  # a class too small to judge: run_flag names it in its own warning
+            warnings.filterwarnings("ignore", message="May not flag all label issues")
+            issues = find_label_issues(labels, probs, filter_by="prune_by_noise_rate")
     except (ValueError, IndexError) as exc:  # tiny or degenerate data (a class never predicted)
         log.warning("cleanlab find_label_issues failed (%s); no cleanlab issue estimate", exc)
         issues = np.zeros(len(labels), dtype=bool)
@@ -423,6 +430,11 @@ def flag(run: str | Path | None, folds: int = 5, embeddings: str | None = None, 
         if kind == "vit" and counts.min() < folds:
             raise CurateError(f"{run_dir}: class {classes[int(counts.argmin())]!r} has {counts.min()} readable "
                               f"photos, fewer than --folds {folds}")
+        small = [f"{c!r} ({n})" for c, n in zip(classes, counts, strict=True) if n < MIN_CLASS_PHOTOS]
+        if small:
+            log.warning("flag: too few readable photos to learn what a class looks like in %s; their photos' "
+                        "label_quality says little (each class needs at least %d)", ", ".join(small),
+                        MIN_CLASS_PHOTOS)
         rep = embed.represent(kind, run_dir, data_root, good, classes, cfg, progress=progress)
         extra = {}
         feats = rep

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -193,6 +194,21 @@ def test_flag_fast_end_to_end_on_real_photos(small_dataset, tmp_path):
     np.testing.assert_allclose(alone["label_quality"], 2 * scored["label_quality"] - scored["lookalike_quality"],
                                atol=5e-5)
     assert not np.allclose(alone["label_quality"], scored["label_quality"])
+
+
+def test_flag_names_the_classes_too_small_to_judge(small_dataset, tmp_path, caplog, recwarn):
+    # a class of one photo: cleanlab's own warning calls it "class: 5"; flag's names it and its size
+    lone = small_dataset / "lilies"
+    lone.mkdir()
+    shutil.move(sorted((small_dataset / "tulips").glob("*.jpg"))[0], lone / "lily.jpg")
+    run = _scanned_run(small_dataset, tmp_path / "run")
+    with caplog.at_level(logging.WARNING, logger="curate.labels"):
+        L.flag(run, folds=3, fast=True, progress=False)
+    [message] = [r.getMessage() for r in caplog.records if "too few readable photos" in r.getMessage()]
+    assert "'lilies' (1)" in message and "'tulips' (5)" in message
+    assert not [w for w in recwarn if "May not flag all label issues" in str(w.message)]
+    df = read_manifest(run / "manifest.csv")
+    assert df.loc[df["label"] == "lilies", "label_quality"].between(0, 1).all()  # still scored
 
 
 def test_max_off_class_shortens_the_flag_and_leaves_the_ranking_alone(small_dataset, tmp_path):
