@@ -182,14 +182,37 @@ def union_find_groups(n: int, pairs: np.ndarray) -> np.ndarray:
     return np.array([find(i) for i in range(n)], dtype=np.int64)
 
 
+KEEP_ORDER = ["colour", "pixels"]  # within a duplicate group, the copy kept: most colour, then most pixels
+_PALETTE_MODES = frozenset({"P", "PA"})
+
+
+def keep_preference(rows: pd.DataFrame) -> pd.DataFrame:
+    """Columns KEEP_ORDER per row, higher = the better copy to keep of a duplicate group.
+
+    `colour`: 2 full colour, 1 palette (a GIF or PNG-8 copy has at most 256 colours), 0 grey (scan's
+    `grayscale` flag: a grey copy of a colour photo has lost what cannot be restored). `pixels`: width x
+    height. Missing columns count as 0, so a table without them falls back to the first filepath.
+    """
+    n = len(rows)
+    flags = rows["flags"].fillna("").astype(str) if "flags" in rows else pd.Series([""] * n, index=rows.index)
+    mode = rows["mode"].fillna("").astype(str) if "mode" in rows else pd.Series([""] * n, index=rows.index)
+    grey = flags.map(lambda cell: "grayscale" in cell.split(";")).to_numpy(bool)
+    colour = np.where(grey, 0, np.where(mode.isin(_PALETTE_MODES).to_numpy(), 1, 2))
+    size = [pd.to_numeric(rows[c], errors="coerce").fillna(0).to_numpy(float) if c in rows else np.zeros(n)
+            for c in ("width", "height")]
+    return pd.DataFrame({"colour": colour, "pixels": size[0] * size[1]}, index=rows.index)
+
+
 def find_duplicates(rows: pd.DataFrame, max_distance: int) -> tuple[pd.Series, pd.DataFrame, dict[str, np.ndarray]]:
     """Group exact (same sha256) and near (pHash within `max_distance` bits) duplicates.
 
     In: a manifest-like table with `filepath`, `label`, `sha256`, `phash` (16 hex digits, empty
-    where the image could not be decoded), `width`, `height`, `error`. Only readable rows take part.
+    where the image could not be decoded), `width`, `height`, `error`, and (optional) `mode`, `flags`.
+    Only readable rows take part.
     Out: (`dup_group` per row: "" or a group id "1", "2", ... numbered in filepath order;
     the duplicates table with columns DUPLICATE_COLUMNS, one row per group member, `keep` True for
-    the largest image of each group (ties: first filepath), `distance` the pHash distance to it,
+    the best copy in each group (`keep_preference`: colour over palette over grey, then the most pixels,
+    then the first filepath), `distance` the pHash distance to it,
     `kind` "exact" for a member with a byte-identical copy in the group, else "near";
     {flag: boolean array per row} for exact_duplicate, near_duplicate, cross_label_duplicate).
     """
@@ -215,9 +238,10 @@ def find_duplicates(rows: pd.DataFrame, max_distance: int) -> tuple[pd.Series, p
     table = pd.DataFrame({
         "row": readable, "root": roots, "filepath": sub["filepath"].to_numpy(), "label": sub["label"].to_numpy(),
         "sha": sha_codes, "phash": phashes,
-        "pixels": (sub["width"].astype("float64") * sub["height"].astype("float64")).to_numpy(),
-    })[in_group]
-    table = table.sort_values(["root", "pixels", "filepath"], ascending=[True, False, True], kind="stable")
+    })
+    table = pd.concat([table, keep_preference(sub).set_axis(table.index)], axis=1)[in_group]
+    table = table.sort_values(["root", *KEEP_ORDER, "filepath"], ascending=[True, False, False, True],
+                              kind="stable")
     keep_of_root = table.groupby("root", sort=False).head(1).set_index("root")
     table["keep"] = table["row"].to_numpy() == keep_of_root.loc[table["root"], "row"].to_numpy()
     keep_phash = keep_of_root.loc[table["root"], "phash"].to_numpy().astype(np.uint64)

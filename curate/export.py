@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from curate.duplicates import KEEP_ORDER, keep_preference
 from curate.io import CurateError, atomic_write_csv, flags_of, read_manifest, resolve_run_dir, run_lock
 
 log = logging.getLogger("curate.export")
@@ -165,9 +166,9 @@ def duplicate_facts(manifest: pd.DataFrame, duplicates: pd.DataFrame | None) -> 
     """Per manifest row: `dup_kind` ("exact"/"near"/""), `dup_keep`, `dup_cross_label`.
 
     `duplicates` is duplicates.csv (dup_group, kind, filepath, label, distance, keep). Without it
-    the manifest's `dup_group` column is used, keeping the largest image (ties: first path), the
-    same choice scan makes. A group with no `keep` marked keeps its first member, so no group
-    disappears entirely.
+    the manifest's `dup_group` column is used, keeping the copy scan keeps (`duplicates.keep_preference`:
+    colour, then pixels, then the first path). A group with no `keep` marked keeps its first member, so
+    no group disappears entirely.
     """
     facts = pd.DataFrame({"dup_kind": "", "dup_keep": True, "dup_cross_label": False}, index=manifest.index)
     if duplicates is not None and len(duplicates):
@@ -183,16 +184,13 @@ def duplicate_facts(manifest: pd.DataFrame, duplicates: pd.DataFrame | None) -> 
             dup["label"] = dup["label"].fillna(duplicates["label"].astype(str))
     elif "dup_group" in manifest.columns and (manifest["dup_group"].fillna("").astype(str) != "").any():
         grouped = manifest[manifest["dup_group"].fillna("").astype(str) != ""]
-        area = (pd.to_numeric(grouped.get("width", 0), errors="coerce").fillna(0)
-                * pd.to_numeric(grouped.get("height", 0), errors="coerce").fillna(0))
         dup = pd.DataFrame({
             "filepath": grouped["filepath"].astype(str),
             "group": grouped["dup_group"].astype(str),
             "kind": grouped["flags"].map(lambda c: "exact" if "exact_duplicate" in flags_of(c) else "near"),
             "label": grouped["label"],
-            "area": area,
-        })
-        dup = dup.sort_values(["group", "area", "filepath"], ascending=[True, False, True])
+        }).join(keep_preference(grouped))
+        dup = dup.sort_values(["group", *KEEP_ORDER, "filepath"], ascending=[True, False, False, True])
         dup["keep"] = ~dup.duplicated("group")
     else:
         return facts

@@ -27,7 +27,7 @@ def scan_rows(draw) -> tuple[pd.DataFrame, int]:
     """A manifest-like table whose hashes collide often: few contents (sha), pHashes near a few bases."""
     n = draw(st.integers(0, 24))
     bases = draw(st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=3))
-    contents = {}  # sha -> phash: byte-identical files have the same pHash
+    contents = {}  # sha -> (phash, mode): byte-identical files have the same pHash and mode
     rows = []
     for i in range(n):
         sha = f"s{draw(st.integers(0, 7))}"
@@ -36,13 +36,16 @@ def scan_rows(draw) -> tuple[pd.DataFrame, int]:
             h = draw(st.sampled_from(bases))
             for b in flips:
                 h ^= 1 << b
-            contents[sha] = f"{h:016x}"
+            contents[sha] = (f"{h:016x}", draw(st.sampled_from(["RGB", "RGB", "P", "L"])))
         unreadable = draw(st.integers(0, 9)) == 0
+        phash, mode = contents[sha]
         rows.append({"filepath": f"{draw(st.sampled_from('abc'))}/{i:02d}.jpg", "label": "", "sha256": sha,
-                     "phash": "" if unreadable else contents[sha],
+                     "phash": "" if unreadable else phash,
                      "width": draw(st.integers(1, 4)) * 100, "height": 100,
-                     "error": "cannot decode" if unreadable else ""})
-    df = pd.DataFrame(rows, columns=["filepath", "label", "sha256", "phash", "width", "height", "error"])
+                     "error": "cannot decode" if unreadable else "", "mode": mode,
+                     "flags": "tiny;grayscale" if mode == "L" else ""})
+    df = pd.DataFrame(rows, columns=["filepath", "label", "sha256", "phash", "width", "height", "error", "mode",
+                                     "flags"])
     df["label"] = df["filepath"].str[0]
     return df, draw(st.integers(0, 10))
 
@@ -86,12 +89,15 @@ def test_duplicate_groups_are_the_connected_components_of_close_pairs(case):
             assert len(set(dup_group[same.index])) == 1 and dup_group[same.index[0]] != ""
             assert flags["exact_duplicate"][same.index].all()
     assert not (dup_group[~ok] != "").any() and not any(f[~ok.to_numpy()].any() for f in flags.values())
-    # one keep per group: the largest image, ties to the first filepath
+    # one keep per group: a colour image before a palette one before a grey one, then the largest, ties to
+    # the first filepath
     for gid, members in dups.groupby("dup_group"):
         assert members["keep"].sum() == 1, gid
         rows = df.set_index("filepath").loc[members["filepath"]]
-        pixels = rows["width"] * rows["height"]
-        best = sorted(pixels[pixels == pixels.max()].index)[0]
+        grey = rows["flags"].str.contains("grayscale") if "flags" in rows else False
+        colour = np.where(grey, 0, np.where(rows["mode"].isin(["P", "PA"]), 1, 2)) if "mode" in rows else 2
+        rank = pd.Series(colour * 1e12 + rows["width"] * rows["height"], index=rows.index)
+        best = sorted(rank[rank == rank.max()].index)[0]
         assert members.loc[members["keep"], "filepath"].item() == best
         labels = df.set_index("filepath").loc[members["filepath"], "label"]
         cross = flags["cross_label_duplicate"][df.index[df["filepath"].isin(members["filepath"])]]

@@ -300,6 +300,30 @@ def test_default_run_folder_is_reports_dataset_name(small_dataset: Path, tmp_pat
 
 
 @pytest.mark.slow
+def test_a_duplicate_group_keeps_the_colour_original_over_grey_and_palette_copies(tmp_path: Path) -> None:
+    # copies named to sort first, the grey one even larger: name and size alone would keep a copy
+    data = tmp_path / "data" / "daisy"
+    data.mkdir(parents=True)
+    original, other = real_photos(2, ["daisy"])
+    shutil.copyfile(original, data / "photo.jpg")
+    shutil.copyfile(other, data / "other.jpg")
+    with Image.open(original) as im:
+        im.convert("L").resize((im.width * 2, im.height * 2)).save(data / "a_grey_copy.png")
+        im.convert("P", palette=Image.Palette.ADAPTIVE).save(data / "b_palette_copy.gif")
+    scan(tmp_path / "data", out=tmp_path / "run", workers=1, progress=False)
+    dups = pd.read_csv(tmp_path / "run" / "duplicates.csv", dtype={"dup_group": str}, keep_default_na=False)
+    [group] = [set(g["filepath"]) for _, g in dups.groupby("dup_group")]
+    assert group == {"daisy/photo.jpg", "daisy/a_grey_copy.png", "daisy/b_palette_copy.gif"}
+    assert dups.loc[dups["keep"], "filepath"].tolist() == ["daisy/photo.jpg"]
+    manifest = read_manifest(tmp_path / "run" / "manifest.csv")
+    assert "grayscale" in _flags(manifest, "daisy/a_grey_copy.png")
+    # without duplicates.csv, export's fallback on the manifest's dup_group makes the same choice
+    from curate.export import duplicate_facts
+
+    facts = duplicate_facts(manifest, None).set_index(manifest["filepath"])
+    assert facts.loc[sorted(group), "dup_keep"].tolist() == [False, False, True]
+
+
 def test_finds_every_exact_duplicate_group_in_flower_photos(tmp_path: Path) -> None:
     """Every group of byte-identical files in ../shared/flower_photos, checked with hashlib."""
     before = {p: p.stat().st_mtime_ns for p in FLOWERS.rglob("*") if p.is_file()}
@@ -323,9 +347,11 @@ def test_finds_every_exact_duplicate_group_in_flower_photos(tmp_path: Path) -> N
         labels = {p.split("/")[0] for p in group}
         for p in group:
             assert ("cross_label_duplicate" in _flags(manifest, p)) == (len(labels) > 1)
-    # every group has exactly one keep, and the keep is its largest image
+    # every group has exactly one keep, and the keep is its largest colour image
     size = manifest.set_index("filepath")
     for _, g in dups.groupby("dup_group"):
         assert g["keep"].sum() == 1
+        colour = ~size.loc[g["filepath"], "flags"].str.contains("grayscale")
         pixels = size.loc[g["filepath"], "width"] * size.loc[g["filepath"], "height"]
-        assert pixels.loc[g.loc[g["keep"], "filepath"].item()] == pixels.max()
+        kept = g.loc[g["keep"], "filepath"].item()
+        assert colour[kept] == colour.max() and pixels[kept] == pixels[colour == colour.max()].max()
