@@ -23,12 +23,19 @@ import numpy as np
 import pandas as pd
 
 from curate.duplicates import KEEP_ORDER, keep_preference
-from curate.io import CurateError, atomic_write_csv, flags_of, read_manifest, resolve_run_dir, run_lock
+from curate.io import (
+    LOW_QUALITY_FLAGS,
+    UNREADABLE_FLAGS,
+    CurateError,
+    atomic_write_csv,
+    flags_of,
+    read_manifest,
+    resolve_run_dir,
+    run_lock,
+)
 
 log = logging.getLogger("curate.export")
 
-UNREADABLE_FLAGS = ("corrupt", "truncated", "not_image")
-LOW_QUALITY_FLAGS = ("blurry", "dark", "bright", "low_information", "tiny", "odd_aspect_ratio", "grayscale")
 # Reasons in the order the default policy applies them; removed.csv names the first that fired.
 REASONS = ("review_reject", "unreadable", "cross_label_duplicate", "exact_duplicate", "near_duplicate",
            "off_class", "outlier", "low_quality")

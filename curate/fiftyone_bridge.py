@@ -30,6 +30,9 @@ import numpy as np
 import pandas as pd
 
 from curate.io import (
+    LOW_QUALITY_FLAGS,
+    OFF_CLASS_FLAGS,
+    UNREADABLE_FLAGS,
     CurateError,
     atomic_write_json,
     data_root_of,
@@ -45,12 +48,9 @@ from curate.io import (
 log = logging.getLogger("curate.fiftyone")
 
 STATE_FILE = "fiftyone.json"
-BUILD_VERSION = 2  # bump when a build would write something different from the same inputs
+BUILD_VERSION = 3  # bump when a build would write something different from the same inputs
 DATASET_PREFIX = "curate-"
 REVIEW_DECISIONS = ("reject", "keep", "relabel")
-OFF_CLASS_FLAGS = ("off_class", "outlier")
-LOW_QUALITY_FLAGS = ("blurry", "dark", "bright", "low_information", "tiny", "odd_aspect_ratio")
-UNREADABLE_FLAGS = ("corrupt", "truncated", "not_image", "unreadable")
 DUPLICATE_FLAGS = {"exact_duplicates": "exact_duplicate", "near_duplicates": "near_duplicate",
                    "cross_label_duplicates": "cross_label_duplicate"}
 # Manifest columns shown another way (filepath = the sample, label = ground_truth, flags = tags).

@@ -252,6 +252,12 @@ def safe_relpath(root: Path, relpath: str) -> Path:
     return full
 
 
+# Groups of manifest flags, one definition for export's policies, the report and the App's views.
+UNREADABLE_FLAGS = ("corrupt", "truncated", "not_image")
+LOW_QUALITY_FLAGS = ("blurry", "dark", "bright", "low_information", "tiny", "odd_aspect_ratio", "grayscale")
+OFF_CLASS_FLAGS = ("off_class", "outlier")
+
+
 def flags_of(cell: str) -> list[str]:
     """Split a manifest `flags` cell ('a;b') into issue names."""
     return [f for f in str(cell or "").split(";") if f]

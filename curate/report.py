@@ -61,7 +61,6 @@ ISSUE_TEXT = {
     "off_class": "does not look like its class (model disagreement, clusters)",
     "outlier": "far from every photo of its class",
 }
-UNREADABLE = ("corrupt", "truncated", "not_image")
 
 
 @dataclass
@@ -520,7 +519,7 @@ def section_clusters(art: RunArtifacts, rows: int = 15) -> str:
 
 
 def section_low_quality(art: RunArtifacts, thumbs: Thumbnails) -> str:
-    from curate.export import LOW_QUALITY_FLAGS
+    from curate.io import LOW_QUALITY_FLAGS
 
     m = art.manifest
     low = m["flags"].map(lambda c: bool(set(LOW_QUALITY_FLAGS) & set(flags_of(c))))
