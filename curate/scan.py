@@ -205,7 +205,11 @@ def scan_bytes(data: bytes, relpath: str, config: ScanConfig) -> dict[str, Any]:
             return _fail(row, "corrupt", "image header is unreadable (corrupt file)")
         return _fail(row, "not_image", "not an image: no known image format")
     except (OSError, SyntaxError, ValueError) as exc:
-        return _fail(row, "corrupt", f"cannot open image: {exc}")
+        # PIL's "Truncated File Read": a header segment runs past the end of the file, whether the file was
+        # cut short or its header is garbage, so the flag stays `corrupt` and the message says both
+        hint = " (the header runs past the end of the file: cut short, or corrupt)" if "truncat" in str(
+            exc).lower() else ""
+        return _fail(row, "corrupt", f"cannot open image: {exc}{hint}")
 
     with im:
         row["format"] = im.format or ""

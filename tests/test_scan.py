@@ -123,6 +123,7 @@ def bad_dataset(tmp_path: Path) -> tuple[Path, Path]:
     (d / "zero.jpg").write_bytes(b"")
     full = photo[0].read_bytes()
     (d / "truncated.jpg").write_bytes(full[: len(full) * 2 // 5])
+    (d / "cut_in_header.jpg").write_bytes(full[:200])  # PIL cannot even open it: "Truncated File Read"
     (d / "garbage.jpg").write_text("this is a text file, not a photo\n" * 20)
     (d / "broken_header.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(300))
     im = Image.open(photo[1]).convert("RGB")
@@ -172,6 +173,9 @@ def test_bad_input_gets_rows_or_messages_and_data_is_untouched(bad_dataset, tmp_
     assert _flags(m, "daisy/truncated.jpg") == {"truncated"} and err["daisy/truncated.jpg"]
     assert _flags(m, "daisy/garbage.jpg") == {"not_image"} and err["daisy/garbage.jpg"]
     assert _flags(m, "daisy/broken_header.jpg") == {"corrupt"}
+    # cut inside the header: PIL cannot tell that from a garbage header, so `corrupt`, with both causes named
+    assert _flags(m, "daisy/cut_in_header.jpg") == {"corrupt"}
+    assert "cut short, or corrupt" in err["daisy/cut_in_header.jpg"]
     assert _flags(m, "roses/bomb.png") == {"corrupt"} and "too large" in err["roses/bomb.png"]
     for ok in ("roses/cmyk.jpg", "roses/deep16.png", "roses/palette.png", "roses/alpha.png",
                "roses/café del mar ünï.JPG", "daisy/tiny.jpg", "daisy/wide.jpg", "daisy/grey.jpg"):
@@ -193,7 +197,7 @@ def test_bad_input_gets_rows_or_messages_and_data_is_untouched(bad_dataset, tmp_
     skipped = {s["path"] for s in info["skipped"]}
     assert {"daisy/link_out.jpg", "linked_class", "roses/loop.jpg", "roses/dangling.jpg"} <= skipped
     assert not {"roses/loop.jpg", "roses/dangling.jpg"} & paths
-    assert info["counts"]["corrupt"] == 3 and info["counts"]["not_image"] == 1 and info["counts"]["truncated"] == 1
+    assert info["counts"]["corrupt"] == 4 and info["counts"]["not_image"] == 1 and info["counts"]["truncated"] == 1
 
 
 def test_bomb_limit_comes_from_the_config(small_dataset: Path) -> None:
