@@ -69,6 +69,8 @@ class ScanConfig:
     tiny_side: images whose shorter side is below this (in original pixels) are `tiny`.
     odd_aspect: long side / short side above this is `odd_aspect_ratio`.
     grayscale_chroma: mean absolute channel difference (grey levels) below which an RGB image is `grayscale`.
+    grayscale_majority: when more than this share of the readable images is grey, the dataset is monochrome
+        (a mono inspection camera, X-rays) and no image is flagged `grayscale`: grey is then what the data is.
     max_pixels: larger images are reported, not decoded (default: Pillow's decompression-bomb error limit).
     quality: data-relative bounds for blurry / dark / bright / low_information (curate.quality).
     """
@@ -78,12 +80,14 @@ class ScanConfig:
     tiny_side: int = 64
     odd_aspect: float = 3.0
     grayscale_chroma: float = 2.0
+    grayscale_majority: float = 0.5
     max_pixels: int = 2 * Image.MAX_IMAGE_PIXELS
     quality: QualityBounds = field(default_factory=QualityBounds)
 
     def fingerprint(self) -> str:
         """A digest of the settings that shape per-file results (the cache is valid only for the same one)."""
-        per_file = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("near_distance", "quality")}
+        dataset_level = ("near_distance", "quality", "grayscale_majority")
+        per_file = {k: v for k, v in dataclasses.asdict(self).items() if k not in dataset_level}
         return hashlib.sha256(json.dumps(per_file, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -503,6 +507,7 @@ def scan(data: str | os.PathLike, out: str | os.PathLike | None = None, workers:
         for row in manifest.loc[manifest["error"] != "", ["filepath", "error"]].itertuples(index=False):
             log.warning("%s: %s", row.filepath, row.error)
 
+        monochrome = _unflag_grayscale_if_monochrome(manifest, config.grayscale_majority)
         thresholds = data_thresholds(manifest[manifest["error"] == ""], config.quality)
         flag_arrays = data_relative_flags(manifest, thresholds)
         dup_group, dups, dup_flags = find_duplicates(manifest, config.near_distance)
@@ -532,6 +537,8 @@ def scan(data: str | os.PathLike, out: str | os.PathLike | None = None, workers:
                 "tiny_side": config.tiny_side,
                 "odd_aspect": config.odd_aspect,
                 "grayscale_chroma": config.grayscale_chroma,
+                "grayscale_majority": config.grayscale_majority,
+                "monochrome": monochrome,
                 "max_pixels": config.max_pixels,
                 "decode_size": config.decode_size,
                 "robust_k": config.quality.robust_k,
@@ -549,6 +556,19 @@ def scan(data: str | os.PathLike, out: str | os.PathLike | None = None, workers:
     log.info("scan: %d files, %d flagged, %d duplicate groups -> %s (%.1f s)", len(manifest), summary["flagged"],
              summary["duplicate_groups"]["groups"], run_dir, summary["seconds"])
     return manifest
+
+
+def _unflag_grayscale_if_monochrome(manifest, majority: float) -> bool:
+    """Drop `grayscale` from every row's flags (in place) when more than `majority` of the readable images
+    carry it; return whether it did."""
+    readable = manifest["error"] == ""
+    grey = readable & manifest["flags"].map(lambda cell: "grayscale" in cell.split(";"))
+    if not readable.any() or grey.sum() <= majority * readable.sum():
+        return False
+    manifest["flags"] = manifest["flags"].map(lambda cell: ";".join(f for f in cell.split(";") if f != "grayscale"))
+    log.info("scan: %d of %d readable images are grey, so this is a monochrome dataset: `grayscale` is not "
+             "flagged (ScanConfig.grayscale_majority = %g)", grey.sum(), readable.sum(), majority)
+    return True
 
 
 def _merge_flags(per_file: list[str], flag_arrays: dict[str, np.ndarray]) -> list[str]:

@@ -304,6 +304,28 @@ def test_default_run_folder_is_reports_dataset_name(small_dataset: Path, tmp_pat
 
 
 @pytest.mark.slow
+def test_grayscale_is_flagged_only_where_it_is_unusual(tmp_path: Path) -> None:
+    # a mono-camera dataset: real photos saved grey, one colour photo among them
+    mono = make_dataset(tmp_path / "mono", per_class=3, classes=["daisy", "roses"])
+    photos = sorted(mono.rglob("*.jpg"))
+    for p in photos[1:]:
+        Image.open(p).convert("L").save(p)
+    scan(mono, out=tmp_path / "mono_run", workers=1, progress=False)
+    m = read_manifest(tmp_path / "mono_run" / "manifest.csv")
+    assert not m["flags"].str.contains("grayscale").any()
+    info = json.loads((tmp_path / "mono_run" / "scan.json").read_text())
+    assert info["thresholds"]["monochrome"] is True and info["counts"]["grayscale"] == 0
+    # the same photos in colour with one grey among them: that one is flagged
+    colour = make_dataset(tmp_path / "colour", per_class=3, classes=["daisy", "roses"])
+    grey = sorted(colour.rglob("*.jpg"))[0]
+    Image.open(grey).convert("L").save(grey)
+    scan(colour, out=tmp_path / "colour_run", workers=1, progress=False)
+    m = read_manifest(tmp_path / "colour_run" / "manifest.csv")
+    flagged = m.loc[m["flags"].str.contains("grayscale"), "filepath"].tolist()
+    assert flagged == [grey.relative_to(colour).as_posix()]
+    assert json.loads((tmp_path / "colour_run" / "scan.json").read_text())["thresholds"]["monochrome"] is False
+
+
 def test_a_duplicate_group_keeps_the_colour_original_over_grey_and_palette_copies(tmp_path: Path) -> None:
     # copies named to sort first, the grey one even larger: name and size alone would keep a copy
     data = tmp_path / "data" / "daisy"
