@@ -428,8 +428,14 @@ def section_duplicates(art: RunArtifacts, thumbs: Thumbnails) -> str:
     dup = art.duplicates
     if dup is None:
         return _missing("No duplicates.csv in this run.", "curate scan DATA")
+    thresholds = (art.scan or {}).get("thresholds", {})
+    note = ""
+    if thresholds.get("near_duplicates_grouped") is False:
+        note = (f"<p><b>Near duplicates were not grouped:</b> {100 * thresholds.get('near_share', 0):.0f}% of the "
+                "photos have a perceptual-hash neighbour, so the hash cannot tell this dataset's photos apart "
+                "(one scene or fixture). Only byte-identical copies are listed.</p>")
     if dup.empty:
-        return "<p>No exact or near-duplicate photos.</p>"
+        return note + "<p>No exact duplicate photos.</p>" if note else "<p>No exact or near-duplicate photos.</p>"
     removed = set(art.removed["filepath"]) if art.removed is not None else set()
     parts = []
     groups = list(dup.groupby("dup_group", sort=False))
@@ -453,7 +459,7 @@ def section_duplicates(art: RunArtifacts, thumbs: Thumbnails) -> str:
         groups) > MAX_DUP_GROUPS else ""
     legend = ("<p class='sub'>Outline: green = in cleaned.csv, red = removed by the export policy.</p>"
               if art.removed is not None else "")
-    return legend + "".join(parts) + more
+    return note + legend + "".join(parts) + more
 
 
 def section_off_class(art: RunArtifacts, thumbs: Thumbnails) -> str:

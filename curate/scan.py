@@ -47,6 +47,10 @@ MANIFEST_COLUMNS = ["filepath", "label", "bytes", "sha256", "format", "width", "
 ISSUES = ["corrupt", "truncated", "not_image", "exact_duplicate", "near_duplicate", "cross_label_duplicate", "tiny",
           "odd_aspect_ratio", "blurry", "dark", "bright", "low_information", "grayscale"]
 
+# Fewer near duplicates than this are a handful of copies, whatever their share of a small dataset: they are
+# grouped even above ScanConfig.max_near_share.
+MIN_NEAR_FOR_UNGROUPING = 20
+
 CACHE_NAME = ".scan_cache.json"
 _CACHE_VERSION = 4  # 4: pixels and sizes as displayed (EXIF orientation applied)
 HASH_INPUT_SIDE = 32  # imagehash.phash's working size (hash_size 8 x highfreq_factor 4)
@@ -66,6 +70,10 @@ class ScanConfig:
         rule after decoding. Metrics are computed on that working image; pHash/dHash (imagehash's
         algorithms) on its grey version box-reduced the same way towards 32 px.
     near_distance: pHash Hamming distance (bits of 64) up to which two images are near duplicates.
+    max_near_share: when more than this share of the readable images (and at least
+        MIN_NEAR_FOR_UNGROUPING) would be a near duplicate, pHash cannot tell this dataset's images apart
+        (one fixture and camera, as in visual inspection, where a scratched part hashes like a good one):
+        only byte-identical copies are grouped, with a warning.
     tiny_side: images whose shorter side is below this (in original pixels) are `tiny`.
     odd_aspect: long side / short side above this is `odd_aspect_ratio`.
     grayscale_chroma: mean absolute channel difference (grey levels) below which an RGB image is `grayscale`.
@@ -77,6 +85,7 @@ class ScanConfig:
 
     decode_size: int = 64
     near_distance: int = 8
+    max_near_share: float = 0.25
     tiny_side: int = 64
     odd_aspect: float = 3.0
     grayscale_chroma: float = 2.0
@@ -86,7 +95,7 @@ class ScanConfig:
 
     def fingerprint(self) -> str:
         """A digest of the settings that shape per-file results (the cache is valid only for the same one)."""
-        dataset_level = ("near_distance", "quality", "grayscale_majority")
+        dataset_level = ("near_distance", "max_near_share", "quality", "grayscale_majority")
         per_file = {k: v for k, v in dataclasses.asdict(self).items() if k not in dataset_level}
         return hashlib.sha256(json.dumps(per_file, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -511,6 +520,17 @@ def scan(data: str | os.PathLike, out: str | os.PathLike | None = None, workers:
         thresholds = data_thresholds(manifest[manifest["error"] == ""], config.quality)
         flag_arrays = data_relative_flags(manifest, thresholds)
         dup_group, dups, dup_flags = find_duplicates(manifest, config.near_distance)
+        readable = (manifest["error"] == "").to_numpy()
+        near_share = float(dup_flags["near_duplicate"][readable].mean()) if readable.any() else 0.0
+        n_near = int(dup_flags["near_duplicate"][readable].sum())
+        near_grouped = near_share <= config.max_near_share or n_near < MIN_NEAR_FOR_UNGROUPING
+        if not near_grouped:
+            log.warning("scan: %.0f%% of the readable images have a near duplicate (pHash within %d bits): pHash "
+                        "cannot tell this dataset's images apart, so only byte-identical copies are grouped; "
+                        "removing the rest as duplicates would lose real, different photos "
+                        "(ScanConfig.max_near_share = %g)", 100 * near_share, config.near_distance,
+                        config.max_near_share)
+            dup_group, dups, dup_flags = find_duplicates(manifest, -1)  # a negative distance: exact copies only
         flag_arrays.update(dup_flags)
         manifest["dup_group"] = dup_group
         manifest["flags"] = _merge_flags(manifest["flags"].tolist(), flag_arrays)
@@ -534,6 +554,9 @@ def scan(data: str | os.PathLike, out: str | os.PathLike | None = None, workers:
             },
             "thresholds": {
                 "near_distance": config.near_distance,
+                "near_share": round(near_share, 4),
+                "max_near_share": config.max_near_share,
+                "near_duplicates_grouped": near_grouped,
                 "tiny_side": config.tiny_side,
                 "odd_aspect": config.odd_aspect,
                 "grayscale_chroma": config.grayscale_chroma,

@@ -304,6 +304,53 @@ def test_default_run_folder_is_reports_dataset_name(small_dataset: Path, tmp_pat
 
 
 @pytest.mark.slow
+def _inspection_shots(root: Path, per_class: int = 12) -> Path:
+    """Visual inspection in miniature: one real photo as the part on its fixture, shot again and again
+    (shifted a few pixels, exposure and sensor noise varying); the `scratch` shots have a scratch drawn on."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(0)
+    base = Image.open(real_photos(1, ["daisy"])[0]).convert("RGB").resize((320, 240))
+    for cls in ("good", "scratch"):
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
+            dx, dy = (int(v) for v in rng.integers(-6, 7, 2))
+            shot = base.transform(base.size, Image.AFFINE, (1, 0, dx, 0, 1, dy))
+            pixels = np.asarray(shot, float) * rng.uniform(0.9, 1.1) + rng.normal(0, 4, (240, 320, 3))
+            shot = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+            if cls == "scratch":
+                x, y = (int(v) for v in rng.integers(40, 200, 2))
+                ImageDraw.Draw(shot).line([(x, y), (x + 30, y + 8)], fill=(255, 255, 255), width=2)
+            shot.save(root / cls / f"{i:02d}.png")
+    return root
+
+
+def test_near_duplicates_are_not_grouped_where_phash_cannot_tell_the_photos_apart(tmp_path: Path, caplog) -> None:
+    from curate.export import export
+    from curate.report import report
+
+    data = _inspection_shots(tmp_path / "inspection")
+    run = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="curate.scan"):
+        scan(data, out=run, workers=1, progress=False)
+    info = json.loads((run / "scan.json").read_text())
+    # nearly every shot is within 8 bits of another: grouping them would keep 1 of 24 photos and, across
+    # the two classes, drop them all as cross-label duplicates
+    assert info["thresholds"]["near_share"] > info["thresholds"]["max_near_share"]
+    assert info["thresholds"]["near_duplicates_grouped"] is False
+    assert info["duplicate_groups"]["groups"] == 0
+    assert any("cannot tell this dataset's images apart" in r.getMessage() for r in caplog.records)
+    export(run, policy="duplicates-only")
+    assert len(pd.read_csv(run / "cleaned.csv")) == 24
+    report(run)
+    assert "Near duplicates were not grouped" in (run / "index.html").read_text()
+    # a byte-identical copy is still found
+    shutil.copyfile(data / "good" / "00.png", data / "scratch" / "copy_of_good_00.png")
+    scan(data, out=run, workers=1, progress=False)
+    dups = pd.read_csv(run / "duplicates.csv")
+    assert set(dups["filepath"]) == {"good/00.png", "scratch/copy_of_good_00.png"} and set(dups["kind"]) == {"exact"}
+
+
 def test_grayscale_is_flagged_only_where_it_is_unusual(tmp_path: Path) -> None:
     # a mono-camera dataset: real photos saved grey, one colour photo among them
     mono = make_dataset(tmp_path / "mono", per_class=3, classes=["daisy", "roses"])
