@@ -107,6 +107,10 @@ class FlagConfig:
     sure_face: float | None = 0.85
     scene: bool = True  # measure people, straight edges, depth of field and colour (curate.scene)
     outlier_z: float = 3.5  # robust z of the distance to the nearest class centre
+    # off_class needs out-of-fold models that beat always answering the largest class (one-sided binomial test
+    # at this p-value, `beats_chance`); a model at chance makes cleanlab count its guesses (on simulated
+    # inspection shots the cheap features flagged 8 of 40 fine photos). None: flag anyway
+    chance_p_value: float | None = 0.01
     # never flag more than this share of a run off_class (`curate flag --max-off-class`); on flower_photos
     # cleanlab's estimate is higher still, so this sets the flag's length: a shorter review list with higher
     # precision (docs/flagging.md). It never changes label_quality, nor what the retrain leaves out
@@ -159,6 +163,23 @@ def cleanlab_quality(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray,
         log.warning("cleanlab find_label_issues failed (%s); no cleanlab issue estimate", exc)
         issues = np.zeros(len(labels), dtype=bool)
     return np.asarray(quality, dtype=float), np.asarray(issues, dtype=bool)
+
+
+def beats_chance(labels: np.ndarray, predicted: np.ndarray, p_value: float = 0.01) -> tuple[float, float, bool]:
+    """(accuracy of `predicted`, share of the largest class, whether the accuracy is above that share beyond
+    chance: one-sided binomial test at `p_value`). A model that does no better than always answering the
+    largest class knows nothing about the classes, so its disagreement with a label is no evidence."""
+    from scipy.stats import binomtest
+
+    labels, predicted = np.asarray(labels), np.asarray(predicted)
+    if len(labels) == 0:
+        return float("nan"), float("nan"), False
+    correct = int((labels == predicted).sum())
+    majority = float(np.bincount(labels).max() / len(labels))
+    if majority >= 1:
+        return correct / len(labels), majority, False
+    better = binomtest(correct, len(labels), majority, alternative="greater").pvalue < p_value
+    return correct / len(labels), majority, bool(better)
 
 
 def _safe_probs(probs: np.ndarray) -> np.ndarray:
@@ -373,21 +394,27 @@ def score(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, oof_probs:
         quality = sure_first(quality, certainty)
     preds = {name: p.argmax(1) for name, p in probs_by_model.items()}
     disagreeing = np.sum([pr != labels for pr in preds.values()], axis=0)
+    accuracy, majority, informative = beats_chance(labels, mean_probs.argmax(1), cfg.chance_p_value or 0.01)
+    informative = informative or cfg.chance_p_value is None  # None: flag whatever the models know
     return {"label_quality": quality, "lookalike_quality": lookalike, **components, "issues": issues,
             "mean_probs": mean_probs, "cluster": cluster_id, "clusters": clusters, "preds": preds,
-            "models_disagreeing": disagreeing, "centre_z": centre_z}
+            "models_disagreeing": disagreeing, "centre_z": centre_z,
+            "chance": {"accuracy": accuracy, "majority_share": majority, "beats_chance": informative}}
 
 
 def choose_flags(s: dict, cfg: FlagConfig, max_fraction: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(off_class mask, outlier mask) from the score distribution.
 
     off_class: the n lowest label_quality photos, n = the number of label issues cleanlab estimates
-    (capped at `max_fraction` of the photos, default `cfg.max_off_class_fraction`). outlier: photos whose
-    distance to the nearest class centre is an extreme robust z-score.
+    (capped at `max_fraction` of the photos, default `cfg.max_off_class_fraction`), or none when the
+    out-of-fold models do no better than guessing the largest class (`beats_chance`): cleanlab's estimate
+    then counts the models' guesses. outlier: photos whose distance to the nearest class centre is an
+    extreme robust z-score.
     """
     quality = s["label_quality"]
     cap = cfg.max_off_class_fraction if max_fraction is None else max_fraction
-    n = int(min(s["issues"].sum(), cap * len(quality)))
+    informative = s.get("chance", {}).get("beats_chance", True)
+    n = int(min(s["issues"].sum(), cap * len(quality))) if informative else 0
     off = np.zeros(len(quality), dtype=bool)
     if n:
         off[np.argsort(quality, kind="stable")[:n]] = True
@@ -469,6 +496,11 @@ def flag(run: str | Path | None, folds: int = 5, embeddings: str | None = None, 
                                       recipe=cfg.vit, exclude=pruned)
                 s = score_with(rep)
         off, outlier = choose_flags(s, cfg)
+        if not s["chance"]["beats_chance"]:
+            log.warning("flag: the %s model agrees with the folder labels on %.0f%% of the photos, no better than "
+                        "always answering the largest class (%.0f%%): its disagreement says nothing, so no photo "
+                        "is flagged off_class; label_quality still ranks them for a look",
+                        rep.name, 100 * s["chance"]["accuracy"], 100 * s["chance"]["majority_share"])
         if scene_measures is not None:
             s["scene"] = scene_measures
         _write_outputs(run_dir, df, ok, good, classes, labels, rep, s, off, outlier)

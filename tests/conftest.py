@@ -34,6 +34,28 @@ def make_dataset(root: Path, per_class: int, classes: list[str] | None = None) -
     return root
 
 
+def inspection_shots(root: Path, per_class: int = 12) -> Path:
+    """Visual inspection in miniature: one real photo as the part on its fixture, shot again and again
+    (shifted a few pixels, exposure and sensor noise varying); the `scratch` shots have a scratch drawn on."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(0)
+    base = Image.open(real_photos(1, ["daisy"])[0]).convert("RGB").resize((320, 240))
+    for cls in ("good", "scratch"):
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
+            dx, dy = (int(v) for v in rng.integers(-6, 7, 2))
+            shot = base.transform(base.size, Image.AFFINE, (1, 0, dx, 0, 1, dy))
+            pixels = np.asarray(shot, float) * rng.uniform(0.9, 1.1) + rng.normal(0, 4, (240, 320, 3))
+            shot = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+            if cls == "scratch":
+                x, y = (int(v) for v in rng.integers(40, 200, 2))
+                ImageDraw.Draw(shot).line([(x, y), (x + 30, y + 8)], fill=(255, 255, 255), width=2)
+            shot.save(root / cls / f"{i:02d}.png")
+    return root
+
+
 def tree_fingerprint(root: Path) -> dict[str, tuple[str, int]]:
     """sha256 and mtime of every file below root: to prove a command never wrote there."""
     out = {}

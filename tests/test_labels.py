@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import FLOWERS
+from conftest import FLOWERS, inspection_shots
 
 from curate import labels as L
 from curate.io import CurateError, read_manifest
@@ -137,8 +137,8 @@ def test_a_confident_face_ranks_a_real_portrait_first(small_dataset, tmp_path):
     np.testing.assert_allclose(off.drop(index=portrait)["label_quality"], others["label_quality"])
 
 
-def _scanned_run(dataset: Path, run: Path, error_file: str | None = None) -> Path:
-    files = sorted(p.relative_to(dataset).as_posix() for p in dataset.glob("*/*.jpg"))
+def _scanned_run(dataset: Path, run: Path, error_file: str | None = None, pattern: str = "*/*.jpg") -> Path:
+    files = sorted(p.relative_to(dataset).as_posix() for p in dataset.glob(pattern))
     df = pd.DataFrame({"filepath": files, "label": [f.split("/")[0] for f in files], "flags": "", "error": ""})
     df.loc[0, "flags"] = "blurry"
     if error_file:
@@ -209,6 +209,30 @@ def test_flag_names_the_classes_too_small_to_judge(small_dataset, tmp_path, capl
     assert not [w for w in recwarn if "May not flag all label issues" in str(w.message)]
     df = read_manifest(run / "manifest.csv")
     assert df.loc[df["label"] == "lilies", "label_quality"].between(0, 1).all()  # still scored
+
+
+def test_beats_chance_is_a_one_sided_binomial_test_against_the_largest_class():
+    labels = np.array([0] * 60 + [1] * 40)
+    assert L.beats_chance(labels, np.zeros(100, int))[:2] == (0.6, 0.6)  # always the largest class
+    assert not L.beats_chance(labels, np.zeros(100, int))[2]
+    assert L.beats_chance(labels, labels)[2]
+    right_70 = labels.copy()
+    right_70[:30] = 1  # 30 wrong, 70 right: P(>= 70 of 100 | p = 0.6) = 0.02
+    assert L.beats_chance(labels, right_70, p_value=0.05)[2] and not L.beats_chance(labels, right_70)[2]
+
+
+def test_no_off_class_from_models_that_know_nothing_of_the_classes(tmp_path, caplog):
+    # inspection shots: the cheap features cannot see a scratch, so --fast's kNN guesses; cleanlab
+    # then "finds" label issues among photos that are all correctly filed
+    data = inspection_shots(tmp_path / "inspection")
+    run = _scanned_run(data, tmp_path / "run", pattern="*/*.png")
+    with caplog.at_level(logging.WARNING, logger="curate.labels"):
+        L.flag(run, folds=3, fast=True, progress=False)
+    df = read_manifest(run / "manifest.csv")
+    assert not df["flags"].str.contains("off_class").any() and df["label_quality"].notna().all()
+    assert any("no better than always answering the largest class" in r.getMessage() for r in caplog.records)
+    L.flag(run, folds=3, fast=True, progress=False, config=L.FlagConfig(chance_p_value=None))
+    assert read_manifest(run / "manifest.csv")["flags"].str.contains("off_class").any()  # what it did before
 
 
 def test_max_off_class_shortens_the_flag_and_leaves_the_ranking_alone(small_dataset, tmp_path):
@@ -282,7 +306,8 @@ def test_flag_retrains_the_kfold_vit_without_the_photos_it_flagged(small_dataset
     from curate import embed
 
     run = _scanned_run(small_dataset, tmp_path / "run")
-    cfg = L.FlagConfig(vit=TINY_VIT, group_size=3, scene=False)
+    # a tiny ViT on 30 photos is at chance: flag anyway (chance_p_value=None), the retrain plumbing is tested
+    cfg = L.FlagConfig(vit=TINY_VIT, group_size=3, scene=False, chance_p_value=None)
     L.flag(run, folds=2, embeddings="vit", progress=False, config=dataclasses.replace(cfg, retrain_pruned=False))
     first = read_manifest(run / "manifest.csv")
     first_off = first["flags"].fillna("").str.contains("off_class").to_numpy()

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from badinputs import png_claiming
-from conftest import FLOWERS, make_dataset, real_photos, tree_fingerprint
+from conftest import FLOWERS, inspection_shots, make_dataset, real_photos, tree_fingerprint
 from PIL import Image
 
 from curate import cli
@@ -304,32 +304,11 @@ def test_default_run_folder_is_reports_dataset_name(small_dataset: Path, tmp_pat
 
 
 @pytest.mark.slow
-def _inspection_shots(root: Path, per_class: int = 12) -> Path:
-    """Visual inspection in miniature: one real photo as the part on its fixture, shot again and again
-    (shifted a few pixels, exposure and sensor noise varying); the `scratch` shots have a scratch drawn on."""
-    from PIL import ImageDraw
-
-    rng = np.random.default_rng(0)
-    base = Image.open(real_photos(1, ["daisy"])[0]).convert("RGB").resize((320, 240))
-    for cls in ("good", "scratch"):
-        (root / cls).mkdir(parents=True)
-        for i in range(per_class):
-            dx, dy = (int(v) for v in rng.integers(-6, 7, 2))
-            shot = base.transform(base.size, Image.AFFINE, (1, 0, dx, 0, 1, dy))
-            pixels = np.asarray(shot, float) * rng.uniform(0.9, 1.1) + rng.normal(0, 4, (240, 320, 3))
-            shot = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-            if cls == "scratch":
-                x, y = (int(v) for v in rng.integers(40, 200, 2))
-                ImageDraw.Draw(shot).line([(x, y), (x + 30, y + 8)], fill=(255, 255, 255), width=2)
-            shot.save(root / cls / f"{i:02d}.png")
-    return root
-
-
 def test_near_duplicates_are_not_grouped_where_phash_cannot_tell_the_photos_apart(tmp_path: Path, caplog) -> None:
     from curate.export import export
     from curate.report import report
 
-    data = _inspection_shots(tmp_path / "inspection")
+    data = inspection_shots(tmp_path / "inspection")
     run = tmp_path / "run"
     with caplog.at_level("WARNING", logger="curate.scan"):
         scan(data, out=run, workers=1, progress=False)
