@@ -231,6 +231,10 @@ def test_no_off_class_from_models_that_know_nothing_of_the_classes(tmp_path, cap
     df = read_manifest(run / "manifest.csv")
     assert not df["flags"].str.contains("off_class").any() and df["label_quality"].notna().all()
     assert any("no better than always answering the largest class" in r.getMessage() for r in caplog.records)
+    from curate.report import report
+
+    report(run)
+    assert "no better than always answering the largest class" in (run / "index.html").read_text()
     L.flag(run, folds=3, fast=True, progress=False, config=L.FlagConfig(chance_p_value=None))
     assert read_manifest(run / "manifest.csv")["flags"].str.contains("off_class").any()  # what it did before
 
