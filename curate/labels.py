@@ -394,7 +394,8 @@ def score(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, oof_probs:
         quality = sure_first(quality, certainty)
     preds = {name: p.argmax(1) for name, p in probs_by_model.items()}
     disagreeing = np.sum([pr != labels for pr in preds.values()], axis=0)
-    accuracy, majority, informative = beats_chance(labels, mean_probs.argmax(1), cfg.chance_p_value or 0.01)
+    p_value = 0.01 if cfg.chance_p_value is None else cfg.chance_p_value
+    accuracy, majority, informative = beats_chance(labels, mean_probs.argmax(1), p_value)
     informative = informative or cfg.chance_p_value is None  # None: flag whatever the models know
     return {"label_quality": quality, "lookalike_quality": lookalike, **components, "issues": issues,
             "mean_probs": mean_probs, "cluster": cluster_id, "clusters": clusters, "preds": preds,

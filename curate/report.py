@@ -435,7 +435,7 @@ def section_duplicates(art: RunArtifacts, thumbs: Thumbnails) -> str:
                 "photos have a perceptual-hash neighbour, so the hash cannot tell this dataset's photos apart "
                 "(one scene or fixture). Only byte-identical copies are listed.</p>")
     if dup.empty:
-        return note + "<p>No exact duplicate photos.</p>" if note else "<p>No exact or near-duplicate photos.</p>"
+        return (note + "<p>No exact duplicate photos.</p>") if note else "<p>No exact or near-duplicate photos.</p>"
     removed = set(art.removed["filepath"]) if art.removed is not None else set()
     parts = []
     groups = list(dup.groupby("dup_group", sort=False))
