@@ -107,9 +107,9 @@ class FlagConfig:
     sure_face: float | None = 0.85
     scene: bool = True  # measure people, straight edges, depth of field and colour (curate.scene)
     outlier_z: float = 3.5  # robust z of the distance to the nearest class centre
-    # off_class needs out-of-fold models that beat always answering the largest class (one-sided binomial test
-    # at this p-value, `beats_chance`); a model at chance makes cleanlab count its guesses (on simulated
-    # inspection shots the cheap features flagged 8 of 40 fine photos). None: flag anyway
+    # off_class needs out-of-fold models that agree with the labels beyond chance (one-sided test at this
+    # p-value, `beats_chance`); a model at chance makes cleanlab count its guesses (on simulated inspection
+    # shots the cheap features flagged 8 of 40 fine photos). None: flag anyway
     chance_p_value: float | None = 0.01
     # never flag more than this share of a run off_class (`curate flag --max-off-class`); on flower_photos
     # cleanlab's estimate is higher still, so this sets the flag's length: a shorter review list with higher
@@ -166,20 +166,28 @@ def cleanlab_quality(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray,
 
 
 def beats_chance(labels: np.ndarray, predicted: np.ndarray, p_value: float = 0.01) -> tuple[float, float, bool]:
-    """(accuracy of `predicted`, share of the largest class, whether the accuracy is above that share beyond
-    chance: one-sided binomial test at `p_value`). A model that does no better than always answering the
-    largest class knows nothing about the classes, so its disagreement with a label is no evidence."""
-    from scipy.stats import binomtest
+    """(accuracy of `predicted`, the accuracy chance gives, whether the first beats the second at `p_value`).
 
-    labels, predicted = np.asarray(labels), np.asarray(predicted)
-    if len(labels) == 0:
+    Chance: predictions that ignore the photo but answer each class as often as `predicted` does (the
+    expected agreement of Cohen's kappa); one-sided z-test of the number right against it. Unlike a test
+    against the largest class's share, it holds for imbalanced classes (95% good parts: a model that never
+    says "defect" is at chance, one that catches some defects is not). A model at chance knows nothing of
+    the classes, so its disagreement with a label is no evidence.
+    """
+    from scipy.stats import norm
+
+    labels, predicted = np.asarray(labels, dtype=int), np.asarray(predicted, dtype=int)
+    n = len(labels)
+    if n == 0:
         return float("nan"), float("nan"), False
-    correct = int((labels == predicted).sum())
-    majority = float(np.bincount(labels).max() / len(labels))
-    if majority >= 1:
-        return correct / len(labels), majority, False
-    better = binomtest(correct, len(labels), majority, alternative="greater").pvalue < p_value
-    return correct / len(labels), majority, bool(better)
+    k = int(max(labels.max(), predicted.max())) + 1
+    per_class = np.bincount(labels, minlength=k).astype(float)
+    answer_share = np.bincount(predicted, minlength=k) / n
+    expected = float((per_class * answer_share).sum())
+    variance = float((per_class * answer_share * (1 - answer_share)).sum())
+    correct = float((labels == predicted).sum())
+    better = variance > 0 and norm.sf((correct - expected) / np.sqrt(variance)) < p_value
+    return correct / n, expected / n, bool(better)
 
 
 def _safe_probs(probs: np.ndarray) -> np.ndarray:
@@ -395,12 +403,12 @@ def score(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, oof_probs:
     preds = {name: p.argmax(1) for name, p in probs_by_model.items()}
     disagreeing = np.sum([pr != labels for pr in preds.values()], axis=0)
     p_value = 0.01 if cfg.chance_p_value is None else cfg.chance_p_value
-    accuracy, majority, informative = beats_chance(labels, mean_probs.argmax(1), p_value)
+    accuracy, chance, informative = beats_chance(labels, mean_probs.argmax(1), p_value)
     informative = informative or cfg.chance_p_value is None  # None: flag whatever the models know
     return {"label_quality": quality, "lookalike_quality": lookalike, **components, "issues": issues,
             "mean_probs": mean_probs, "cluster": cluster_id, "clusters": clusters, "preds": preds,
             "models_disagreeing": disagreeing, "centre_z": centre_z,
-            "chance": {"accuracy": accuracy, "majority_share": majority, "beats_chance": informative}}
+            "chance": {"accuracy": accuracy, "chance_accuracy": chance, "beats_chance": informative}}
 
 
 def choose_flags(s: dict, cfg: FlagConfig, max_fraction: float | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -408,7 +416,7 @@ def choose_flags(s: dict, cfg: FlagConfig, max_fraction: float | None = None) ->
 
     off_class: the n lowest label_quality photos, n = the number of label issues cleanlab estimates
     (capped at `max_fraction` of the photos, default `cfg.max_off_class_fraction`), or none when the
-    out-of-fold models do no better than guessing the largest class (`beats_chance`): cleanlab's estimate
+    out-of-fold models agree with the labels no better than chance (`beats_chance`): cleanlab's estimate
     then counts the models' guesses. outlier: photos whose distance to the nearest class centre is an
     extreme robust z-score.
     """
@@ -499,9 +507,9 @@ def flag(run: str | Path | None, folds: int = 5, embeddings: str | None = None, 
         off, outlier = choose_flags(s, cfg)
         if not s["chance"]["beats_chance"]:
             log.warning("flag: the %s model agrees with the folder labels on %.0f%% of the photos, no better than "
-                        "always answering the largest class (%.0f%%): its disagreement says nothing, so no photo "
-                        "is flagged off_class; label_quality still ranks them for a look",
-                        rep.name, 100 * s["chance"]["accuracy"], 100 * s["chance"]["majority_share"])
+                        "chance (%.0f%% for answers that ignore the photo, as often per class): its disagreement "
+                        "says nothing, so no photo is flagged off_class; label_quality still ranks them for a look",
+                        rep.name, 100 * s["chance"]["accuracy"], 100 * s["chance"]["chance_accuracy"])
         if scene_measures is not None:
             s["scene"] = scene_measures
         _write_outputs(run_dir, df, ok, good, classes, labels, rep, s, off, outlier)

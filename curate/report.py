@@ -478,12 +478,12 @@ def section_off_class(art: RunArtifacts, thumbs: Thumbnails) -> str:
 
             scored = m[q.notna() & (m["suggested_label"].fillna("") != "")]
             codes = {c: i for i, c in enumerate(sorted(set(scored["label"]) | set(scored["suggested_label"])))}
-            accuracy, majority, informative = beats_chance(scored["label"].map(codes).to_numpy(),
-                                                           scored["suggested_label"].map(codes).to_numpy())
+            accuracy, chance, informative = beats_chance(scored["label"].map(codes).to_numpy(),
+                                                         scored["suggested_label"].map(codes).to_numpy())
             if len(scored) and not informative:
                 intro += (f" The models agree with the folder labels on {accuracy:.0%} of the photos, no better "
-                          f"than always answering the largest class ({majority:.0%}), so their disagreement is "
-                          "no evidence (see the flag stage's warning).")
+                          f"than chance ({chance:.0%} for answers that ignore the photo), so their disagreement "
+                          "is no evidence (see the flag stage's warning).")
         lowest = m.assign(_q=q).sort_values("_q").head(20)
         if len(lowest):
             rows, intro = lowest, intro + " The 20 lowest label-quality scores, for a look:"
