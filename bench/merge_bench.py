@@ -3,8 +3,8 @@
 Usage: .venv/bin/python bench/merge_bench.py [--sizes 100000 300000] [--manifest reports/flower_photos/manifest.csv]
 
 After the per-file rows exist (local pool or Dask partitions), `curate.scan.scan` does, in one process:
-rows (dicts) -> DataFrame, sort, data-relative thresholds and flags (curate.quality), exact and
-near-duplicate grouping (curate.duplicates), flag merge, manifest.csv. This benchmark does the same
+rows (dicts) -> DataFrame, sort, the monochrome check, data-relative thresholds and flags (curate.quality), exact and
+near-duplicate grouping (curate.duplicates) with its share check, flag merge, manifest.csv. This benchmark does the same
 steps, with the same functions, on N rows tiled from a real manifest (metrics and sizes of real photos),
 with synthetic pHashes (bench/dup_bench.py: 32 of 64 bits set, a tenth planted near copies) and unique
 sha256s. Each size runs in a fresh process; prints seconds per step, microseconds and peak bytes per row.
@@ -37,7 +37,7 @@ def one_size(n: int, manifest_csv: str) -> dict:
     from bench.dup_bench import synthetic_phashes
     from curate.duplicates import find_duplicates
     from curate.quality import data_relative_flags, data_thresholds
-    from curate.scan import MANIFEST_COLUMNS, ScanConfig, _merge_flags
+    from curate.scan import MANIFEST_COLUMNS, ScanConfig, _merge_flags, _unflag_grayscale_if_monochrome
 
     config = ScanConfig()
     real = pd.read_csv(manifest_csv, dtype=str, keep_default_na=False)
@@ -65,11 +65,16 @@ def one_size(n: int, manifest_csv: str) -> dict:
     manifest = manifest.sort_values("filepath", kind="stable").reset_index(drop=True)
     t["rows -> DataFrame, sort"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    _unflag_grayscale_if_monochrome(manifest, config.grayscale_majority)
+    t["monochrome check"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     thresholds = data_thresholds(manifest[manifest["error"] == ""], config.quality)
     flag_arrays = data_relative_flags(manifest, thresholds)
     t["thresholds + quality flags"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     dup_group, dups, dup_flags = find_duplicates(manifest, config.near_distance)
+    readable = (manifest["error"] == "").to_numpy()
+    float(dup_flags["near_duplicate"][readable].mean())  # scan's near-duplicate share check
     t["duplicates (exact + near index)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     flag_arrays.update(dup_flags)
