@@ -35,9 +35,14 @@ def one_size(n: int, manifest_csv: str) -> dict:
     import pandas as pd
 
     from bench.dup_bench import synthetic_phashes
-    from curate.duplicates import find_duplicates
     from curate.quality import data_relative_flags, data_thresholds
-    from curate.scan import MANIFEST_COLUMNS, ScanConfig, _merge_flags, _unflag_grayscale_if_monochrome
+    from curate.scan import (
+        MANIFEST_COLUMNS,
+        ScanConfig,
+        _merge_flags,
+        _unflag_grayscale_if_monochrome,
+        group_duplicates,
+    )
 
     config = ScanConfig()
     real = pd.read_csv(manifest_csv, dtype=str, keep_default_na=False)
@@ -72,9 +77,7 @@ def one_size(n: int, manifest_csv: str) -> dict:
     flag_arrays = data_relative_flags(manifest, thresholds)
     t["thresholds + quality flags"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    dup_group, dups, dup_flags = find_duplicates(manifest, config.near_distance)
-    readable = (manifest["error"] == "").to_numpy()
-    float(dup_flags["near_duplicate"][readable].mean())  # scan's near-duplicate share check
+    dup_group, dups, dup_flags, _, _ = group_duplicates(manifest, config)
     t["duplicates (exact + near index)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     flag_arrays.update(dup_flags)

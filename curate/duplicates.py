@@ -19,6 +19,8 @@ from itertools import combinations
 import numpy as np
 import pandas as pd
 
+from curate.io import flags_of
+
 DUPLICATE_COLUMNS = ["dup_group", "kind", "filepath", "label", "distance", "keep"]
 
 _TABLE_MAX_BITS = 22  # chunks up to this width get a direct bucket table (2**22 int64 = 32 MiB); wider use bisection
@@ -196,7 +198,7 @@ def keep_preference(rows: pd.DataFrame) -> pd.DataFrame:
     n = len(rows)
     flags = rows["flags"].fillna("").astype(str) if "flags" in rows else pd.Series([""] * n, index=rows.index)
     mode = rows["mode"].fillna("").astype(str) if "mode" in rows else pd.Series([""] * n, index=rows.index)
-    grey = flags.map(lambda cell: "grayscale" in cell.split(";")).to_numpy(bool)
+    grey = flags.map(lambda cell: "grayscale" in flags_of(cell)).to_numpy(bool)
     colour = np.where(grey, 0, np.where(mode.isin(_PALETTE_MODES).to_numpy(), 1, 2))
     size = [pd.to_numeric(rows[c], errors="coerce").fillna(0).to_numpy(float) if c in rows else np.zeros(n)
             for c in ("width", "height")]

@@ -34,7 +34,15 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from curate.io import CurateError, atomic_write_csv, atomic_write_json, atomic_write_text, default_run_dir, run_lock
+from curate.io import (
+    CurateError,
+    atomic_write_csv,
+    atomic_write_json,
+    atomic_write_text,
+    default_run_dir,
+    flags_of,
+    run_lock,
+)
 from curate.quality import QualityBounds, data_relative_flags, data_thresholds, image_metrics
 
 log = logging.getLogger("curate.scan")
@@ -458,7 +466,7 @@ def scan(data: str | os.PathLike, out: str | os.PathLike | None = None, workers:
     """
     import pandas as pd
 
-    from curate.duplicates import DUPLICATE_COLUMNS, find_duplicates
+    from curate.duplicates import DUPLICATE_COLUMNS
 
     config = config or ScanConfig()
     url, remote = None, False
@@ -519,18 +527,7 @@ def scan(data: str | os.PathLike, out: str | os.PathLike | None = None, workers:
         monochrome = _unflag_grayscale_if_monochrome(manifest, config.grayscale_majority)
         thresholds = data_thresholds(manifest[manifest["error"] == ""], config.quality)
         flag_arrays = data_relative_flags(manifest, thresholds)
-        dup_group, dups, dup_flags = find_duplicates(manifest, config.near_distance)
-        readable = (manifest["error"] == "").to_numpy()
-        near_share = float(dup_flags["near_duplicate"][readable].mean()) if readable.any() else 0.0
-        n_near = int(dup_flags["near_duplicate"][readable].sum())
-        near_grouped = near_share <= config.max_near_share or n_near < MIN_NEAR_FOR_UNGROUPING
-        if not near_grouped:
-            log.warning("scan: %.0f%% of the readable images have a near duplicate (pHash within %d bits): pHash "
-                        "cannot tell this dataset's images apart, so only byte-identical copies are grouped; "
-                        "removing the rest as duplicates would lose real, different photos "
-                        "(ScanConfig.max_near_share = %g)", 100 * near_share, config.near_distance,
-                        config.max_near_share)
-            dup_group, dups, dup_flags = find_duplicates(manifest, -1)  # a negative distance: exact copies only
+        dup_group, dups, dup_flags, near_share, near_grouped = group_duplicates(manifest, config)
         flag_arrays.update(dup_flags)
         manifest["dup_group"] = dup_group
         manifest["flags"] = _merge_flags(manifest["flags"].tolist(), flag_arrays)
@@ -581,14 +578,34 @@ def scan(data: str | os.PathLike, out: str | os.PathLike | None = None, workers:
     return manifest
 
 
+def group_duplicates(manifest, config: ScanConfig):
+    """`duplicates.find_duplicates` at `config.near_distance`, or of byte-identical copies only when more than
+    `config.max_near_share` of the readable images (and at least MIN_NEAR_FOR_UNGROUPING) would be near
+    duplicates. Returns (dup_group, duplicates table, flags, near-duplicate share, whether near ones were grouped)."""
+    from curate.duplicates import find_duplicates
+
+    dup_group, dups, dup_flags = find_duplicates(manifest, config.near_distance)
+    near = dup_flags["near_duplicate"][(manifest["error"] == "").to_numpy()]
+    near_share = float(near.mean()) if near.size else 0.0
+    near_grouped = near_share <= config.max_near_share or int(near.sum()) < MIN_NEAR_FOR_UNGROUPING
+    if not near_grouped:
+        log.warning("scan: %.0f%% of the readable images have a near duplicate (pHash within %d bits): pHash "
+                    "cannot tell this dataset's images apart, so only byte-identical copies are grouped; "
+                    "removing the rest as duplicates would lose real, different photos "
+                    "(ScanConfig.max_near_share = %g)", 100 * near_share, config.near_distance,
+                    config.max_near_share)
+        dup_group, dups, dup_flags = find_duplicates(manifest, -1)  # a negative distance: exact copies only
+    return dup_group, dups, dup_flags, near_share, near_grouped
+
+
 def _unflag_grayscale_if_monochrome(manifest, majority: float) -> bool:
     """Drop `grayscale` from every row's flags (in place) when more than `majority` of the readable images
     carry it; return whether it did."""
     readable = manifest["error"] == ""
-    grey = readable & manifest["flags"].map(lambda cell: "grayscale" in cell.split(";"))
+    grey = readable & manifest["flags"].map(lambda cell: "grayscale" in flags_of(cell))
     if not readable.any() or grey.sum() <= majority * readable.sum():
         return False
-    manifest["flags"] = manifest["flags"].map(lambda cell: ";".join(f for f in cell.split(";") if f != "grayscale"))
+    manifest["flags"] = manifest["flags"].map(lambda cell: ";".join(f for f in flags_of(cell) if f != "grayscale"))
     log.info("scan: %d of %d readable images are grey, so this is a monochrome dataset: `grayscale` is not "
              "flagged (ScanConfig.grayscale_majority = %g)", grey.sum(), readable.sum(), majority)
     return True
