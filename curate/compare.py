@@ -128,6 +128,8 @@ def _scores(pred: pd.DataFrame, test_files: pd.Index, classes: list[str]) -> dic
         "per_class_f1": {c: float(v) for c, v in zip(classes, f1, strict=True)},
         "confusion": confusion_matrix(y, p, labels=classes).tolist(),
         "correct": (y == p).to_numpy(),
+        "truth": y.tolist(),
+        "predicted": p.tolist(),
     }
 
 
@@ -135,6 +137,18 @@ def _mean_sd(values: list[float]) -> dict:
     arr = np.asarray(values, dtype=float)
     return {"mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if len(arr) > 1 else None,
             "per_seed": [float(v) for v in arr]}
+
+
+def _seed_interval(diff: np.ndarray) -> dict:
+    """Per-seed differences, their mean +- sd and a 95% t-interval over seeds (None with one seed)."""
+    from scipy import stats
+
+    out = {"per_seed": [float(d) for d in diff], "mean": float(diff.mean()),
+           "sd": float(diff.std(ddof=1)) if len(diff) > 1 else None, "ci95_seeds": None}
+    if len(diff) > 1:
+        half = float(stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff)))
+        out["ci95_seeds"] = [float(diff.mean() - half), float(diff.mean() + half)]
+    return out
 
 
 def paired_difference(raw_acc: list[float], clean_acc: list[float], raw_correct: np.ndarray,
@@ -145,19 +159,56 @@ def paired_difference(raw_acc: list[float], clean_acc: list[float], raw_correct:
     The t-interval needs >= 2 seeds; the bootstrap resamples the shared test photos (their
     correctness averaged over seeds), so it also says how much the test set's size alone allows.
     """
-    from scipy import stats
-
-    diff = np.asarray(clean_acc, dtype=float) - np.asarray(raw_acc, dtype=float)
-    out = {"per_seed": [float(d) for d in diff], "mean": float(diff.mean()),
-           "sd": float(diff.std(ddof=1)) if len(diff) > 1 else None, "ci95_seeds": None}
-    if len(diff) > 1:
-        half = float(stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff)))
-        out["ci95_seeds"] = [float(diff.mean() - half), float(diff.mean() + half)]
+    out = _seed_interval(np.asarray(clean_acc, dtype=float) - np.asarray(raw_acc, dtype=float))
     per_photo = clean_correct.mean(axis=0) - raw_correct.mean(axis=0)  # (n_test,)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(per_photo), size=(BOOTSTRAP_SAMPLES, len(per_photo)))
     boot = per_photo[idx].mean(axis=1)
     out["ci95_bootstrap"] = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+    return out
+
+
+def macro_f1_resampled(truth: np.ndarray, predicted: np.ndarray, n_classes: int, weights: np.ndarray) -> np.ndarray:
+    """Macro-F1 (classes coded 0..n_classes-1) for each row of `weights`, how often each test photo was drawn.
+
+    Same definition as scikit-learn's `f1_score(average="macro", zero_division=0)` over all classes,
+    in matrix form so thousands of resamples cost a few matrix products.
+    """
+    total = np.zeros(len(weights))
+    for c in range(n_classes):
+        is_true, is_pred = truth == c, predicted == c
+        tp = weights @ (is_true & is_pred)
+        wrong = weights @ (is_true ^ is_pred)  # false positives + false negatives
+        denom = 2 * tp + wrong
+        total += np.divide(2 * tp, denom, out=np.zeros_like(denom, dtype=float), where=denom > 0)
+    return total / n_classes
+
+
+def paired_macro_f1_difference(raw_f1: list[float], clean_f1: list[float], truth: list[str],
+                               raw_predicted: list[list[str]], clean_predicted: list[list[str]],
+                               classes: list[str], seed: int = 0) -> dict:
+    """Clean minus raw macro-F1, with the same intervals as `paired_difference`.
+
+    Macro-F1 weighs every class equally, so with imbalanced classes (a few defects among many good
+    parts) it shows what accuracy hides: a cleaning that costs the rare class. It is not a mean over
+    photos, so the bootstrap recomputes it on each resample of the shared test photos (averaged over seeds).
+    """
+    out = _seed_interval(np.asarray(clean_f1, dtype=float) - np.asarray(raw_f1, dtype=float))
+    code = {c: i for i, c in enumerate(classes)}
+    y = np.array([code.get(v, -1) for v in truth])
+    raw_p = np.array([[code.get(v, -1) for v in run] for run in raw_predicted])
+    clean_p = np.array([[code.get(v, -1) for v in run] for run in clean_predicted])
+    rng = np.random.default_rng(seed)
+    n, boot = len(y), []
+    for start in range(0, BOOTSTRAP_SAMPLES, 250):  # chunks keep (resamples x photos) small for big test sets
+        rows = min(250, BOOTSTRAP_SAMPLES - start)
+        weights = np.zeros((rows, n))
+        np.add.at(weights, (np.repeat(np.arange(rows), n), rng.integers(0, n, size=rows * n)), 1.0)
+        raw_f = np.mean([macro_f1_resampled(y, p, len(classes), weights) for p in raw_p], axis=0)
+        clean_f = np.mean([macro_f1_resampled(y, p, len(classes), weights) for p in clean_p], axis=0)
+        boot.append(clean_f - raw_f)
+    diffs = np.concatenate(boot)
+    out["ci95_bootstrap"] = [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))]
     return out
 
 
@@ -214,10 +265,11 @@ def compare(raw: str | os.PathLike, clean: str | os.PathLike, data: str | os.Pat
                        "raw_manifest": str(raw_path), "clean_manifest": str(clean_path),
                        "seconds": round(time.monotonic() - started, 1)})
         atomic_write_json(run_dir / "compare.json", result)
-    d = result["difference"]
-    log.info("compare: accuracy raw %s, cleaned %s, difference %+.3f on %d verified test photos -> %s",
-             _fmt(result["raw"]["accuracy"]), _fmt(result["clean"]["accuracy"]), d["mean"],
-             test_facts["verified_test"], run_dir / "compare.json")
+    log.info("compare: accuracy raw %s, cleaned %s, difference %+.3f; macro-F1 raw %s, cleaned %s, difference "
+             "%+.3f; on %d verified test photos -> %s", _fmt(result["raw"]["accuracy"]),
+             _fmt(result["clean"]["accuracy"]), result["difference"]["mean"], _fmt(result["raw"]["macro_f1"]),
+             _fmt(result["clean"]["macro_f1"]), result["difference_macro_f1"]["mean"], test_facts["verified_test"],
+             run_dir / "compare.json")
     return result
 
 
@@ -243,7 +295,10 @@ def _summarise(runs: list[dict], classes: list[str], test_facts: dict, raw_t: pd
     out["difference"] = paired_difference([r["accuracy"] for r in raw_runs], [r["accuracy"] for r in clean_runs],
                                           np.array([r["correct"] for r in raw_runs]),
                                           np.array([r["correct"] for r in clean_runs]))
-    out["runs"] = [{k: v for k, v in r.items() if k != "correct"} for r in runs]
+    out["difference_macro_f1"] = paired_macro_f1_difference(
+        [r["macro_f1"] for r in raw_runs], [r["macro_f1"] for r in clean_runs], raw_runs[0]["truth"],
+        [r["predicted"] for r in raw_runs], [r["predicted"] for r in clean_runs], classes)
+    out["runs"] = [{k: v for k, v in r.items() if k not in ("correct", "truth", "predicted")} for r in runs]
     return json.loads(json.dumps(out, default=_to_builtin))
 
 

@@ -404,7 +404,7 @@ def export(run: str | os.PathLike | None = None, policy: str = "default", out: s
         atomic_write_json(run_dir / "export.json", result.summary)
     s = result.summary
     by_reason = ", ".join(f"{k} {v}" for k, v in s["removed_by_reason"].items() if v)
-    log.info("export (%s): kept %d of %d photos, removed %d (%s), relabelled %d; %d low-quality photos kept -> %s",
+    log.info("export (%s): kept %d of %d photos, removed %d (%s), relabelled %d; %d low-quality photo(s) kept -> %s",
              policy, s["kept"], s["photos"], s["removed"], by_reason or "none", s["relabelled"],
              s["low_quality_kept"], cleaned_path)
     return result

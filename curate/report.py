@@ -174,7 +174,7 @@ def build_metrics(art: RunArtifacts) -> dict[str, Any]:
             "test_photos": c["test"]["verified_test"], "test": c["test"],
             "accuracy_raw": c["raw"]["accuracy"], "accuracy_clean": c["clean"]["accuracy"],
             "macro_f1_raw": c["raw"]["macro_f1"], "macro_f1_clean": c["clean"]["macro_f1"],
-            "difference": c["difference"],
+            "difference": c["difference"], "difference_macro_f1": c.get("difference_macro_f1"),
             "per_class_f1": {k: {"raw": c["raw"]["per_class_f1"][k], "clean": c["clean"]["per_class_f1"][k]}
                              for k in c["classes"]},
         }
@@ -357,25 +357,65 @@ def _fmt_stat(stat: dict) -> str:
     return f"{stat['mean']:.3f}" + (f" ± {stat['sd']:.3f}" if stat.get("sd") is not None else "")
 
 
+def _fmt_mean(d: dict | None) -> str:
+    return f"{d['mean']:+.3f}" if d else "–"
+
+
 def _fmt_ci(ci: list[float] | None) -> str:
     return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "n/a (one seed)"
 
 
-def compare_verdict(compare: dict) -> str:
-    """One sentence on what cleaning bought: helped, cost accuracy, or no clear difference, judged by the
-    95% interval over seeds (over test photos when there is one seed)."""
-    d = compare["difference"]
+def _judged(d: dict) -> int:
+    """+1 if the whole 95% interval is above zero, -1 if below, 0 if it includes zero (over seeds; over test
+    photos when there is one seed)."""
     ci = d.get("ci95_seeds") or d.get("ci95_bootstrap")
-    points = abs(d["mean"]) * 100
     if not ci or ci[0] <= 0 <= ci[1]:
-        return (f"No clear difference ({d['mean'] * 100:+.1f} points; the 95% interval includes zero): this cleaning "
-                "neither helped nor hurt measurably.")
-    if ci[0] > 0:
-        return f"Cleaning helped: +{points:.1f} points of accuracy, the whole 95% interval above zero."
-    return (f"Cleaning cost {points:.1f} points of accuracy (the whole 95% interval below zero): the policy removed "
-            "photos the model learned from. Treat the off-class candidates as a review list -- tag them reject or "
-            "keep in the App (`curate app`) before exporting -- or export with a gentler policy "
-            "(`curate export --policy list`).")
+        return 0
+    return 1 if ci[0] > 0 else -1
+
+
+def _movement(metric: str, d: dict) -> str:
+    points, sign = abs(d["mean"]) * 100, _judged(d)
+    if sign > 0:
+        return f"{metric} rose {points:.1f} points (the whole 95% interval above zero)"
+    if sign < 0:
+        return f"{metric} fell {points:.1f} points (the whole 95% interval below zero)"
+    return f"{metric} shows no clear difference ({d['mean'] * 100:+.1f} points; the 95% interval includes zero)"
+
+
+REVIEW_ADVICE = ("Treat the off-class candidates as a review list -- tag them reject or keep in the App (`curate app`) "
+                 "before exporting -- or export with a gentler policy (`curate export --policy list`).")
+
+
+def compare_verdict(compare: dict) -> str:
+    """What cleaning bought, in a sentence or three: helped, cost, or no clear difference, judged by the 95%
+    interval over seeds (over test photos when there is one seed), for accuracy and for macro-F1.
+
+    Macro-F1 weighs every class equally; when the two disagree (imbalanced classes: a cleaning that helps the
+    big classes and costs a rare one) the verdict says so instead of trusting accuracy alone.
+    """
+    d = compare["difference"]
+    f1 = compare.get("difference_macro_f1")  # absent in compare.json files written before it existed
+    acc_sign = _judged(d)
+    points = abs(d["mean"]) * 100
+    if f1 is None or _judged(f1) == acc_sign:
+        agrees = f" Macro-F1 agrees ({f1['mean'] * 100:+.1f} points)." if f1 is not None else ""
+        if acc_sign == 0:
+            return (f"No clear difference ({d['mean'] * 100:+.1f} points; the 95% interval includes zero): this "
+                    f"cleaning neither helped nor hurt measurably.{agrees}")
+        if acc_sign > 0:
+            return f"Cleaning helped: +{points:.1f} points of accuracy, the whole 95% interval above zero.{agrees}"
+        return (f"Cleaning cost {points:.1f} points of accuracy (the whole 95% interval below zero): the policy "
+                f"removed photos the model learned from.{agrees} {REVIEW_ADVICE}")
+    f1_sign = _judged(f1)
+    text = (f"Mixed result: {_movement('accuracy', d)}, while {_movement('macro-F1', f1)}. Macro-F1 weighs every "
+            "class equally, so ")
+    if f1_sign < 0:
+        return text + (f"the cleaning cost a class that accuracy hides (see F1 per class). {REVIEW_ADVICE}")
+    if f1_sign > 0:
+        return text + "the cleaning helped a class that accuracy underweights (see F1 per class)."
+    return text + ("the gain is in the big classes; check F1 per class before trusting it." if acc_sign > 0 else
+                   f"the loss is in the big classes (see F1 per class). {REVIEW_ADVICE}")
 
 
 def section_summary(art: RunArtifacts, metrics: dict) -> str:
@@ -591,7 +631,7 @@ def section_training(art: RunArtifacts) -> str:
     if not c:
         return _missing("No before/after training yet.", "curate compare --raw manifest.csv --clean cleaned.csv")
     t = c["test"]
-    d = c["difference"]
+    d, d_f1 = c["difference"], c.get("difference_macro_f1")
     runs = "".join(f"<tr><td>{r['variant']}</td><td>{r['seed']}</td><td class='n'>{r['accuracy']:.3f}</td>"
                    f"<td class='n'>{r['macro_f1']:.3f}</td><td class='n'>{r['seconds']:.0f}</td></tr>"
                    for r in c["runs"])
@@ -611,14 +651,16 @@ def section_training(art: RunArtifacts) -> str:
         f"and on the cleaned manifest, both scored on the same <b>{t['verified_test']}</b> verified test photos "
         f"(the raw test split of {t['raw_test']} minus {t['excluded_removed']} removed and "
         f"{t['excluded_relabelled']} relabelled by the cleaning).</p>"
-        f"<table><tr><th></th><th>accuracy (mean ± sd)</th><th>macro-F1</th></tr>"
+        f"<table><tr><th></th><th>accuracy (mean ± sd)</th><th>macro-F1 (mean ± sd)</th></tr>"
         f"<tr><td>raw</td><td class='n'>{_fmt_stat(c['raw']['accuracy'])}</td>"
         f"<td class='n'>{_fmt_stat(c['raw']['macro_f1'])}</td></tr>"
         f"<tr><td>cleaned</td><td class='n'>{_fmt_stat(c['clean']['accuracy'])}</td>"
         f"<td class='n'>{_fmt_stat(c['clean']['macro_f1'])}</td></tr>"
-        f"<tr><th>cleaned − raw</th><th class='n'>{d['mean']:+.3f}</th>"
-        f"<th>95% CI over seeds {_fmt_ci(d['ci95_seeds'])};"
-        f" bootstrap over test photos {_fmt_ci(d['ci95_bootstrap'])}</th></tr></table>"
+        f"<tr><th>cleaned − raw</th><th class='n'>{d['mean']:+.3f}</th><th class='n'>{_fmt_mean(d_f1)}</th></tr>"
+        f"<tr><td>95% CI over seeds</td><td class='n'>{_fmt_ci(d['ci95_seeds'])}</td>"
+        f"<td class='n'>{_fmt_ci(d_f1['ci95_seeds']) if d_f1 else '–'}</td></tr>"
+        f"<tr><td>95% CI, bootstrap over test photos</td><td class='n'>{_fmt_ci(d['ci95_bootstrap'])}</td>"
+        f"<td class='n'>{_fmt_ci(d_f1['ci95_bootstrap']) if d_f1 else '–'}</td></tr></table>"
         f"<p><b>{html.escape(compare_verdict(c))}</b></p>"
         f'<div class="charts"><img src="{acc}" alt="accuracy before and after cleaning">'
         f"<table><tr><th>class</th><th>F1 raw</th><th>F1 cleaned</th><th>Δ</th></tr>{f1}</table>"
@@ -695,7 +737,8 @@ def render_markdown(art: RunArtifacts, metrics: dict) -> str:
     if art.export:
         e = art.export
         lines += [f"Policy `{e['policy']}`: kept {e['kept']:,} of {e['photos']:,}, removed {e['removed']:,}, "
-                  f"relabelled {e['relabelled']:,}; {e['low_quality_kept']:,} low-quality photos kept.", "",
+                  f"relabelled {e['relabelled']:,}; {e['low_quality_kept']:,} low-quality "
+                  f"photo{'' if e['low_quality_kept'] == 1 else 's'} kept.", "",
                   "| rule | removed |", "|---|---:|"]
         lines += [f"| {k} | {v} |" for k, v in e["removed_by_reason"].items() if v] or ["| (none) | 0 |"]
     else:
@@ -712,8 +755,13 @@ def render_markdown(art: RunArtifacts, metrics: dict) -> str:
                   f"{', '.join(f'{a:.3f}' for a in c['raw']['accuracy']['per_seed'])} |",
                   f"| cleaned | {_fmt_stat(c['clean']['accuracy'])} | {_fmt_stat(c['clean']['macro_f1'])} | "
                   f"{', '.join(f'{a:.3f}' for a in c['clean']['accuracy']['per_seed'])} |", "",
-                  f"Cleaned − raw: {d['mean']:+.3f} (95% CI over seeds {_fmt_ci(d['ci95_seeds'])}, bootstrap over "
-                  f"test photos {_fmt_ci(d['ci95_bootstrap'])}).", "", f"**{compare_verdict(c)}**", "",
+                  f"Cleaned − raw accuracy: {d['mean']:+.3f} (95% CI over seeds {_fmt_ci(d['ci95_seeds'])}, "
+                  f"bootstrap over test photos {_fmt_ci(d['ci95_bootstrap'])})."]
+        f1 = c.get("difference_macro_f1")
+        if f1:
+            lines += ["", f"Cleaned − raw macro-F1: {f1['mean']:+.3f} (95% CI over seeds {_fmt_ci(f1['ci95_seeds'])}, "
+                          f"bootstrap over test photos {_fmt_ci(f1['ci95_bootstrap'])})."]
+        lines += ["", f"**{compare_verdict(c)}**", "",
                   "| class | F1 raw | F1 cleaned |",
                   "|---|---:|---:|"]
         lines += [f"| {k} | {c['raw']['per_class_f1'][k]:.3f} | {c['clean']['per_class_f1'][k]:.3f} |"

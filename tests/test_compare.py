@@ -11,7 +11,13 @@ import pytest
 from runfolder import add_flag, add_flag_columns, manifest_of, write_run
 
 from curate import cli
-from curate.compare import compare, paired_difference, training_manifests
+from curate.compare import (
+    compare,
+    macro_f1_resampled,
+    paired_difference,
+    paired_macro_f1_difference,
+    training_manifests,
+)
 from curate.export import export, raw_split
 from curate.io import CurateError, read_manifest
 
@@ -77,6 +83,41 @@ def test_paired_difference_statistics():
     assert one["sd"] is None and one["ci95_seeds"] is None and one["ci95_bootstrap"] is not None
 
 
+def test_resampled_macro_f1_is_scikit_learns():
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(1)
+    y, p = rng.integers(0, 4, 300), rng.integers(0, 4, 300)
+    p[:120] = y[:120]
+    p[y == 3] = 0  # class 3 never predicted: its F1 is 0
+    idx = rng.integers(0, 300, size=(5, 300))
+    weights = np.stack([np.bincount(row, minlength=300) for row in idx]).astype(float)
+    got = macro_f1_resampled(y, p, 4, np.vstack([np.ones(300), weights]))
+    want = [f1_score(y, p, labels=range(4), average="macro", zero_division=0)]
+    want += [f1_score(y[row], p[row], labels=range(4), average="macro", zero_division=0) for row in idx]
+    assert got == pytest.approx(want)
+
+
+def test_macro_f1_difference_sees_a_rare_class_that_accuracy_hides():
+    # 270 good parts and 30 scratched ones. Raw: 250 good parts right, 24 of 30 scratches found (274 right).
+    # Cleaned: every good part right, only 6 scratches found (276 right).
+    truth = ["good"] * 270 + ["scratch"] * 30
+    raw = ["good"] * 250 + ["scratch"] * 20 + ["scratch"] * 24 + ["good"] * 6
+    clean = ["good"] * 270 + ["scratch"] * 6 + ["good"] * 24
+    acc = lambda pred: float(np.mean([a == b for a, b in zip(truth, pred, strict=True)]))  # noqa: E731
+    from sklearn.metrics import f1_score
+
+    f1 = lambda pred: f1_score(truth, pred, average="macro")  # noqa: E731
+    assert acc(clean) > acc(raw)  # accuracy says cleaning helped ...
+    d = paired_macro_f1_difference([f1(raw)] * 2, [f1(clean)] * 2, truth, [raw, raw], [clean, clean],
+                                   ["good", "scratch"])
+    assert d["mean"] == pytest.approx(f1(clean) - f1(raw)) and d["mean"] < -0.1
+    assert d["ci95_bootstrap"][1] < 0  # ... macro-F1 says it cost the rare class, beyond resampling noise
+    assert d["ci95_seeds"] == pytest.approx([d["mean"], d["mean"]])  # identical seeds: no spread
+    same = paired_macro_f1_difference([f1(raw)], [f1(raw)], truth, [raw], [raw], ["good", "scratch"])
+    assert same["mean"] == 0 and same["ci95_bootstrap"] == [0.0, 0.0] and same["ci95_seeds"] is None
+
+
 def test_compare_trains_both_on_the_same_test_photos_and_resumes(cleaned_run):
     result = compare(cleaned_run / "manifest.csv", cleaned_run / "cleaned.csv", preset="tiny", seeds=1, epochs=1,
                      progress=False)
@@ -93,6 +134,8 @@ def test_compare_trains_both_on_the_same_test_photos_and_resumes(cleaned_run):
         assert np.asarray(stats["confusion"]).sum() == n_test
     run = {r["variant"]: r for r in saved["runs"]}
     assert saved["difference"]["mean"] == pytest.approx(run["clean"]["accuracy"] - run["raw"]["accuracy"])
+    assert saved["difference_macro_f1"]["mean"] == pytest.approx(run["clean"]["macro_f1"] - run["raw"]["macro_f1"])
+    assert len(saved["difference_macro_f1"]["ci95_bootstrap"]) == 2
     assert all(r["trained"] for r in saved["runs"])
     # same inputs again: nothing retrained, same numbers
     assert cli.main(["compare", "--raw", str(cleaned_run / "manifest.csv"), "--clean",

@@ -112,6 +112,9 @@ def test_report_of_a_full_run_shows_every_stage_with_the_same_numbers(full_run):
     assert f"{compare_json['clean']['accuracy']['mean']:.3f}" in md
     assert "| off_class | 1 |" in md
     assert compare_verdict(compare_json) in md
+    d_f1 = compare_json["difference_macro_f1"]
+    assert f"Cleaned − raw macro-F1: {d_f1['mean']:+.3f}" in md and metrics["compare"]["difference_macro_f1"] == d_f1
+    assert f"<th class='n'>{d_f1['mean']:+.3f}</th>" in text
     _assert_clean_page(page, min_images=15)
     # the wide off-class table scrolls in its own box; the page itself never scrolls sideways
     assert horizontal_overflow_px(page) == 0
@@ -127,6 +130,22 @@ def test_compare_verdict_follows_the_confidence_interval(seeds_ci, bootstrap_ci,
     mean = -0.035 if starts.startswith("Cleaning cost") else 0.035
     verdict = compare_verdict({"difference": {"mean": mean, "ci95_seeds": seeds_ci, "ci95_bootstrap": bootstrap_ci}})
     assert verdict.startswith(starts), verdict
+
+
+@pytest.mark.parametrize("acc_ci, f1_ci, starts, says", [
+    ([0.01, 0.06], [0.02, 0.08], "Cleaning helped: +3.5 points", "Macro-F1 agrees (+5.0 points)"),
+    ([-0.01, 0.08], [-0.09, -0.02], "Mixed result: accuracy shows no clear difference",
+     "macro-F1 fell 5.0 points (the whole 95% interval below zero)"),
+    ([0.01, 0.06], [-0.09, -0.02], "Mixed result: accuracy rose 3.5 points", "cost a class that accuracy hides"),
+    ([0.01, 0.06], [-0.02, 0.09], "Mixed result: accuracy rose 3.5 points", "the gain is in the big classes"),
+    ([-0.02, 0.09], [0.01, 0.09], "Mixed result", "helped a class that accuracy underweights"),
+])
+def test_compare_verdict_weighs_macro_f1_when_it_disagrees(acc_ci, f1_ci, starts, says):
+    f1_mean = -0.05 if f1_ci[1] < 0 else 0.05
+    verdict = compare_verdict({"difference": {"mean": 0.035, "ci95_seeds": acc_ci},
+                               "difference_macro_f1": {"mean": f1_mean, "ci95_seeds": f1_ci}})
+    assert verdict.startswith(starts) and says in verdict, verdict
+    assert ("curate app" in verdict) == (f1_ci[1] < 0)  # review advice whenever a measure says cleaning cost
 
 
 def test_chromium_check_catches_a_missing_sheet(full_run):
