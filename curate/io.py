@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -111,15 +112,59 @@ def sha256_of(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+
+def sensor_range(pixels: np.ndarray, mode: str) -> float:
+    """The value that stands for white in a 16-bit, 32-bit or float image.
+
+    Machine-vision cameras store 10, 12 or 14 bits in a 16-bit file, so white is the smallest 2**bits - 1
+    (8 to 16 bits, higher for 32-bit integers) that holds the brightest pixel; scaling by 65535 would turn
+    a 12-bit image nearly black, and Pillow's own conversion clips everything above 255 to white. The
+    range is read per image: one whose brightest pixel is below half its camera's range shows brighter
+    than it is (a 12-bit image that never exceeds 2047 is scaled as 11-bit). Floats in 0..1 are white
+    at 1.
+    """
+    top = float(pixels.max()) if pixels.size else 0.0
+    if mode == "F":
+        return 1.0 if top <= 1.0 else max(top, 255.0)
+    bits = max(8, math.ceil(math.log2(top + 1.0)))
+    return float(2 ** bits - 1)
+
+
+def to_rgb8(im: Image.Image) -> Image.Image:
+    """Any decoded image as 8-bit RGB, the way every stage sees it (scan, flag, trainer, previews).
+
+    16-bit, 32-bit and float images are scaled by `sensor_range`; palette images with transparency go
+    through RGBA first (Pillow warns otherwise).
+    """
+    from PIL import Image
+
+    if im.mode in HIGH_DEPTH_MODES:
+        import numpy as np
+
+        pixels = np.asarray(im, dtype=np.float64)
+        scaled = np.rint(np.clip(pixels * (255.0 / sensor_range(pixels, im.mode)), 0, 255))
+        im = Image.fromarray(scaled.astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
 def open_upright(path: str | os.PathLike, draft: int) -> Image.Image:
-    """The photo as displayed, in RGB: EXIF orientation applied (as scan hashes it and the trainer sees
-    it), and a JPEG decoded at the smallest 1/2..1/8 scale still at least `draft` x `draft` (DCT scaling:
-    several times faster than a full decode followed by a resize). Callers resize to their own size."""
+    """The photo as displayed, in 8-bit RGB (`to_rgb8`): EXIF orientation applied (as scan hashes it and
+    the trainer sees it), and a JPEG decoded at the smallest 1/2..1/8 scale still at least `draft` x
+    `draft` (DCT scaling: several times faster than a full decode followed by a resize). Callers resize
+    to their own size."""
+    import warnings
+
     from PIL import Image, ImageOps
 
     with Image.open(path) as im:
         im.draft("RGB", (draft, draft))
-        return ImageOps.exif_transpose(im).convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Palette images with Transparency": to_rgb8 goes through RGBA
+            return to_rgb8(ImageOps.exif_transpose(im))
 
 
 def read_json(path: str | os.PathLike) -> Any:

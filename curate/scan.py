@@ -42,6 +42,7 @@ from curate.io import (
     default_run_dir,
     flags_of,
     run_lock,
+    to_rgb8,
 )
 from curate.quality import QualityBounds, data_relative_flags, data_thresholds, image_metrics
 
@@ -60,7 +61,7 @@ ISSUES = ["corrupt", "truncated", "not_image", "exact_duplicate", "near_duplicat
 MIN_NEAR_FOR_UNGROUPING = 20
 
 CACHE_NAME = ".scan_cache.json"
-_CACHE_VERSION = 4  # 4: pixels and sizes as displayed (EXIF orientation applied)
+_CACHE_VERSION = 5  # 4: pixels and sizes as displayed (EXIF orientation applied); 5: 16-bit by sensor range
 HASH_INPUT_SIDE = 32  # imagehash.phash's working size (hash_size 8 x highfreq_factor 4)
 
 # Magic numbers of the formats we scan: a file that starts like an image but will not open is
@@ -153,15 +154,9 @@ def _fail(row: dict[str, Any], flag: str, reason: str) -> dict[str, Any]:
 
 
 def _to_working_rgb(im: Image.Image, decode_size: int) -> Image.Image:
-    """The decoded image as 8-bit RGB, reduced by a power of two towards `decode_size` if it was not drafted."""
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # 16-bit / float: scale to 0..255 (Pillow's own conversion would clip everything above 255 to white)
-        arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 255.0)
-        im = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), "L")
-    if im.mode != "RGB":
-        im = im.convert("RGBA").convert("RGB") if im.mode == "P" else im.convert("RGB")
-    return _reduce_towards(im, decode_size)
+    """The decoded image as 8-bit RGB (`io.to_rgb8`, as the trainer sees it), reduced by a power of two
+    towards `decode_size` if it was not drafted."""
+    return _reduce_towards(to_rgb8(im), decode_size)
 
 
 # EXIF orientation -> the transpose that shows the picture upright (as ImageOps.exif_transpose does)

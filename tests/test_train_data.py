@@ -117,6 +117,36 @@ def test_decode_image_uses_reduced_size_decode_and_returns_rgb():
     assert big.shape == (200, 200, 3)
 
 
+def test_machine_vision_bit_depths_look_the_same_to_the_trainer_and_to_scan(tmp_path):
+    """A 12-bit camera's frames in 16-bit PNG and TIFF, and a float TIFF in 0..1: the trainer and scan both
+    see the 8-bit photo they were made from, not a white frame (Pillow's own conversion clips) or a black
+    one (scaling 12 bits by 65535)."""
+    from PIL import Image
+
+    from curate.scan import scan
+
+    photo = real_photos(1, ["roses"])[0]
+    grey = np.asarray(Image.open(photo).convert("L"))
+    data = tmp_path / "data" / "part"
+    data.mkdir(parents=True)
+    Image.fromarray(grey).save(data / "eight.png")
+    twelve = grey.astype(np.uint16) * 16  # 0..4080: what a 12-bit sensor stores in a 16-bit file
+    Image.fromarray(twelve).save(data / "twelve.png")
+    Image.fromarray(twelve).save(data / "twelve.tif")
+    Image.fromarray((grey / 255.0).astype(np.float32), "F").save(data / "float.tif")
+    assert Image.open(data / "twelve.png").mode.startswith("I") and Image.open(data / "float.tif").mode == "F"
+    ref = tdata.decode_image(data / "eight.png", 64).astype(float)
+    for name in ("twelve.png", "twelve.tif", "float.tif"):
+        got = tdata.decode_image(data / name, 64).astype(float)
+        assert np.abs(got - ref).mean() < 2, name  # 255/4095 scaling: 4080 -> 254, within a level or two
+    clipped = np.asarray(Image.open(data / "twelve.png").convert("RGB"), dtype=float)
+    assert clipped.mean() > grey.mean() + 50  # what the trainer saw before: nearly white
+    m = scan(tmp_path / "data", out=tmp_path / "run", progress=False)
+    bright = m.set_index("filepath")["brightness"].astype(float)
+    for name in ("twelve.png", "twelve.tif", "float.tif"):
+        assert abs(bright[f"part/{name}"] - bright["part/eight.png"]) < 0.01, name
+
+
 def test_stratified_sample_keeps_class_proportions():
     df = pd.DataFrame({"filepath": [f"{i}.jpg" for i in range(300)], "label": ["a"] * 200 + ["b"] * 90 + ["c"] * 10})
     s = tdata.stratified_sample(df, 30, seed=0)
