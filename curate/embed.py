@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from curate.io import CurateError, atomic_save_npy, atomic_write_text, open_upright, safe_relpath
+from curate.io import DECODE_VERSION, CurateError, atomic_save_npy, atomic_write_text, open_upright, safe_relpath
 from train.presets import FLAG, Preset
 
 log = logging.getLogger("curate.embed")
@@ -57,7 +57,8 @@ def load_images(run_dir: Path, data_root: Path, filepaths: list[str], size: int,
     """
     cache = Path(run_dir) / "cache" / f"images_{size}.npy"
     key = Path(run_dir) / "cache" / f"images_{size}.txt"
-    if cache.exists() and key.exists() and key.read_text(encoding="utf-8").splitlines() == list(filepaths):
+    want = [f"# decode v{DECODE_VERSION}", *filepaths]  # the files, in order, and how they were decoded
+    if cache.exists() and key.exists() and key.read_text(encoding="utf-8").splitlines() == want:
         return np.load(cache)
     out = np.zeros((len(filepaths), size, size, 3), dtype=np.uint8)
 
@@ -73,7 +74,7 @@ def load_images(run_dir: Path, data_root: Path, filepaths: list[str], size: int,
             bar(1)
     bar(None)
     atomic_save_npy(cache, out)
-    atomic_write_text(key, "\n".join(filepaths) + "\n")
+    atomic_write_text(key, "\n".join(want) + "\n")
     return out
 
 

@@ -113,6 +113,9 @@ def sha256_of(path: str | os.PathLike) -> str:
 
 
 HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+# Part of every decoded-pixel cache key (trainer and flag): bump when to_rgb8 or open_upright change what a
+# file decodes to, so no stage keeps using pixels decoded the old way. 2: 16-bit by sensor range.
+DECODE_VERSION = 2
 
 
 def sensor_range(pixels: np.ndarray, mode: str) -> float:

@@ -46,7 +46,7 @@ import pandas as pd
 from PIL import Image
 
 from curate import people
-from curate.io import atomic_write_csv, open_upright, safe_relpath
+from curate.io import DECODE_VERSION, atomic_write_csv, open_upright, safe_relpath
 
 log = logging.getLogger("curate.scene")
 
@@ -155,7 +155,8 @@ def measure(run_dir: Path, data_root: Path, manifest: pd.DataFrame, progress: bo
     cache_path = Path(run_dir) / "cache" / "scene.csv"
     # values measured without the person detectors are kept apart from values measured with them
     with_people = people.available()
-    version = f"|v{MEASURES_VERSION}" + ("" if with_people else "-nopeople")
+    # ... and so are values measured from pixels decoded another way (DECODE_VERSION)
+    version = f"|v{MEASURES_VERSION}.d{DECODE_VERSION}" + ("" if with_people else "-nopeople")
     if not with_people:
         log.warning("no TFLite interpreter (tensorflow or ai_edge_litert): face_score and body_score "
                     "are not measured")

@@ -38,6 +38,10 @@ def test_load_images_decodes_real_photos_and_reuses_the_cache(small_dataset, tmp
     # a different file list invalidates the cache
     with pytest.raises(AssertionError, match="decoded again"):
         embed.load_images(run, small_dataset, df["filepath"].tolist()[:-1], 24)
+    # ... and so do pixels decoded another way (a fix to the 8-bit conversion)
+    monkeypatch.setattr(embed, "DECODE_VERSION", embed.DECODE_VERSION + 1)
+    with pytest.raises(AssertionError, match="decoded again"):
+        embed.load_images(run, small_dataset, df["filepath"].tolist(), 24)
 
 
 def test_undecodable_photo_becomes_black_and_is_named(small_dataset, tmp_path, caplog):

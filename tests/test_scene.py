@@ -129,7 +129,12 @@ def test_measure_caches_by_path_and_hash_and_measures_only_what_changed(tmp_path
     monkeypatch.setattr(scene, "MEASURES_VERSION", scene.MEASURES_VERSION + 1)
     scene.measure(tmp_path, SHARED, m)
     assert len(calls) == len(m)
-    assert pd.read_csv(cache)["key"].str.endswith(f"|v{scene.MEASURES_VERSION}").all()
+    assert pd.read_csv(cache)["key"].str.endswith(f"|v{scene.MEASURES_VERSION}.d{scene.DECODE_VERSION}").all()
+    # ... and so are values measured from pixels decoded another way
+    calls.clear()
+    monkeypatch.setattr(scene, "DECODE_VERSION", scene.DECODE_VERSION + 1)
+    scene.measure(tmp_path, SHARED, m)
+    assert len(calls) == len(m)
 
 
 def test_an_interrupted_measure_keeps_the_chunks_it_finished(tmp_path, monkeypatch):

@@ -88,6 +88,7 @@ def test_cache_is_keyed_by_content_and_size(small_dataset, tmp_path):
     shutil.copyfile(tmp, p1)
     b, _ = tdata.load_images(df, small_dataset, 32, cache_dir=cache)
     np.testing.assert_array_equal(b[0], a[1])
+    assert {p.parent.parent.name for p in cache.rglob("*.npy")} == {f"32-v{tdata.DECODE_VERSION}"}
     c, _ = tdata.load_images(df, small_dataset, 40, cache_dir=cache)
     assert c.shape[1:] == (40, 40, 3)
 

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from curate.io import CurateError, atomic_save_npy, open_upright, safe_relpath, sha256_of
+from curate.io import DECODE_VERSION, CurateError, atomic_save_npy, open_upright, safe_relpath, sha256_of
 
 log = logging.getLogger("curate.train")
 
@@ -136,7 +136,7 @@ def decode_image(path: str | os.PathLike, size: int) -> np.ndarray:
 
 def _load_one(path: Path, sha: str | None, size: int, cache: Path) -> np.ndarray:
     sha = sha or sha256_of(path)
-    cached = cache / str(size) / sha[:2] / f"{sha}.npy"
+    cached = cache / f"{size}-v{DECODE_VERSION}" / sha[:2] / f"{sha}.npy"
     if cached.exists():
         try:
             arr = np.load(cached)
@@ -157,7 +157,7 @@ def load_images(
 
     Returns (images (N, size, size, 3) uint8 in row order, ok (N,) bool). Unreadable files get a warning
     naming them, zeros in `images` and False in `ok`; callers drop them. Decoded, resized pixels are cached
-    under `cache_dir` (default `cache_root()`) as <size>/<sha256[:2]>/<sha256>.npy.
+    under `cache_dir` (default `cache_root()`) as <size>-v<DECODE_VERSION>/<sha256[:2]>/<sha256>.npy.
     """
     root = Path(data_root)
     cache = Path(cache_dir) if cache_dir is not None else cache_root() / "images"
