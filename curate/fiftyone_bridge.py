@@ -48,7 +48,7 @@ from curate.io import (
 log = logging.getLogger("curate.fiftyone")
 
 STATE_FILE = "fiftyone.json"
-BUILD_VERSION = 3  # bump when a build would write something different from the same inputs
+BUILD_VERSION = 4  # bump when a build would write something different from the same inputs
 DATASET_PREFIX = "curate-"
 REVIEW_DECISIONS = ("reject", "keep", "relabel")
 DUPLICATE_FLAGS = {"exact_duplicates": "exact_duplicate", "near_duplicates": "near_duplicate",
@@ -58,7 +58,11 @@ _HANDLED_COLUMNS = {"filepath", "label", "flags", "dup_group"}
 # Sample fields FiftyOne or this module own; a manifest column of the same name gets a prefix.
 _RESERVED_FIELDS = {"id", "filepath", "tags", "metadata", "media_type", "created_at", "last_modified_at",
                     "ground_truth", "predictions", "relpath", "mistakenness", "uniqueness", "dup_group",
-                    "dup_group_size", "dup_kind", "dup_keep", "dup_distance"}
+                    "dup_group_size", "dup_kind", "dup_keep", "dup_distance", "preview_filepath"}
+# What Chromium and Firefox draw: anything else (TIFF) or a 16-bit image (drawn at 8 bits by dropping the low
+# byte, so a 12-bit camera's frame shows nearly black) gets an 8-bit PNG copy for the App (`preview_filepath`).
+BROWSER_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"})
+PREVIEW_DIR = "app_media"
 
 
 @dataclass
@@ -283,8 +287,9 @@ def build_dataset(run: str | os.PathLike | None, config: BridgeConfig | None = N
     `ground_truth` (Classification), `predictions` (Classification with confidence and logits, the
     mean of the run's oof_<model>.npy, when present), every other manifest column as a field,
     each issue flag as a sample tag, duplicate details from duplicates.csv, image metadata from
-    the manifest (no file is opened), Brain runs from our own predictions/embeddings, and the
-    saved views. Rerunning adds no duplicate samples, updates fields and keeps review tags; when
+    the manifest (no other file is opened), `preview_filepath` with 8-bit copies of TIFF and
+    16-bit photos for the App (`_browser_copies`), Brain runs from our own predictions/embeddings,
+    and the saved views. Rerunning adds no duplicate samples, updates fields and keeps review tags; when
     no input changed since the last build (sizes and mtimes of the run's files), it only loads
     the dataset, unless `force`.
     """
@@ -308,7 +313,9 @@ def build_dataset(run: str | os.PathLike | None, config: BridgeConfig | None = N
         _ensure_field(fo, dataset, "relpath", "str")
         timings = {"load": time.perf_counter() - t0}
         removed = _remove_stale_samples(dataset, paths)
-        added = _apply_fields(fo, dataset, paths, _fields(fo, dataset, run_dir, manifest, paths), progress)
+        fields = _fields(fo, dataset, run_dir, manifest, paths)
+        added = _apply_fields(fo, dataset, paths, fields, progress)
+        _set_media_field(dataset, "preview_filepath" in fields)
         timings["fields"] = time.perf_counter() - t0 - sum(timings.values())
         log.info("fiftyone: dataset %s: %d samples added, %d removed", name, added, removed)
         if cfg.brain:
@@ -373,6 +380,9 @@ def _fields(fo, dataset, run_dir: Path, manifest: pd.DataFrame, paths: list[str]
     for col in manifest.columns:
         if col not in _HANDLED_COLUMNS:
             fields[_field_name(col)] = _column_values(manifest[col])
+    previews = _browser_copies(run_dir, manifest, paths)
+    if previews is not None:
+        fields["preview_filepath"] = ("str", previews)
 
     probs, models = _oof_predictions(run_dir, n, classes)
     if probs is None:
@@ -387,6 +397,63 @@ def _fields(fo, dataset, run_dir: Path, manifest: pd.DataFrame, paths: list[str]
     dataset.info["prediction_models"] = models
     dataset.info["classes"] = classes
     return fields
+
+
+def _browser_copies(run_dir: Path, manifest: pd.DataFrame, paths: list[str]) -> list[str] | None:
+    """Per sample, the file the App should draw: the photo itself, or for a format or bit depth browsers do not
+    draw (see BROWSER_EXTENSIONS), an 8-bit PNG copy under `<run>/app_media/` (as the trainer sees it, `to_rgb8`;
+    named by content, so a rebuild reuses it). None when every photo is drawable as it is (the usual case).
+
+    FiftyOne's own answer is `fiftyone.utils.image.transform_images`; this writes the copies with the pixels
+    every curate stage sees, into the run folder, never beside the photos.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from curate.io import HIGH_DEPTH_MODES, atomic_path, open_upright
+
+    modes = manifest.get("mode", pd.Series([""] * len(manifest))).fillna("").astype(str)
+    errors = manifest.get("error", pd.Series([""] * len(manifest))).fillna("").astype(str)
+    needs = [not err and (os.path.splitext(p)[1].lower() not in BROWSER_EXTENSIONS or mode in HIGH_DEPTH_MODES)
+             for p, mode, err in zip(paths, modes, errors, strict=True)]
+    if not any(needs):
+        return None
+    shas = manifest.get("sha256", pd.Series([""] * len(manifest))).fillna("").astype(str)
+    out = list(paths)
+    todo = []
+    for i, need in enumerate(needs):
+        if need:
+            key = shas.iloc[i] if len(shas.iloc[i]) == 64 else hashlib.sha256(paths[i].encode()).hexdigest()
+            out[i] = str((run_dir / PREVIEW_DIR / f"{key}.png").resolve())
+            if not Path(out[i]).exists():
+                todo.append(i)
+
+    def write(i: int) -> None:
+        try:
+            im = open_upright(paths[i], draft=1 << 16)  # full size: defects are small
+            with atomic_path(out[i]) as tmp:
+                im.save(tmp, format="PNG", compress_level=1)
+        except (OSError, ValueError) as exc:
+            log.warning("%s: no browser copy for the App (%s); the App shows the file as it is", paths[i], exc)
+            out[i] = paths[i]
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        list(pool.map(write, todo))
+    log.info("fiftyone: %d photos the browser cannot draw as they are (TIFF, 16-bit) shown from 8-bit copies in %s "
+             "(%d written now)", sum(needs), run_dir / PREVIEW_DIR, len(todo))
+    return out
+
+
+def _set_media_field(dataset, previews: bool) -> None:
+    """Point the App's grid and modal at `preview_filepath` when there are browser copies, else at `filepath`."""
+    config = dataset.app_config
+    if previews:
+        config.media_fields = ["filepath", "preview_filepath"]
+        config.grid_media_field = config.modal_media_field = "preview_filepath"
+    else:
+        config.media_fields = ["filepath"]
+        config.grid_media_field = config.modal_media_field = "filepath"
+        if "preview_filepath" in dataset.get_field_schema():
+            dataset.delete_sample_field("preview_filepath")
 
 
 def _run_brain(fo, dataset, run_dir: Path, manifest: pd.DataFrame, paths: list[str], cfg: BridgeConfig) -> None:

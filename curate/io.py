@@ -121,18 +121,18 @@ DECODE_VERSION = 2
 def sensor_range(pixels: np.ndarray, mode: str) -> float:
     """The value that stands for white in a 16-bit, 32-bit or float image.
 
-    Machine-vision cameras store 10, 12 or 14 bits in a 16-bit file, so white is the smallest 2**bits - 1
-    (8 to 16 bits, higher for 32-bit integers) that holds the brightest pixel; scaling by 65535 would turn
-    a 12-bit image nearly black, and Pillow's own conversion clips everything above 255 to white. The
-    range is read per image: one whose brightest pixel is below half its camera's range shows brighter
-    than it is (a 12-bit image that never exceeds 2047 is scaled as 11-bit). Floats in 0..1 are white
-    at 1.
+    Machine-vision cameras store 10, 12 or 14 bits in a 16-bit file, so white is 2**bits - 1 for the
+    smallest even bit depth (8, 10, 12, 14, 16, ...) that holds the brightest pixel; scaling by 65535
+    would turn a 12-bit image nearly black, and Pillow's own conversion clips everything above 255 to
+    white. The depth is read per image, so a frame whose brightest pixel is below a quarter of its
+    camera's range shows brighter than it is (a 12-bit frame that never exceeds 1023 is scaled as
+    10-bit). Floats in 0..1 are white at 1.
     """
     top = float(pixels.max()) if pixels.size else 0.0
     if mode == "F":
         return 1.0 if top <= 1.0 else max(top, 255.0)
     bits = max(8, math.ceil(math.log2(top + 1.0)))
-    return float(2 ** bits - 1)
+    return float(2 ** (bits + bits % 2) - 1)
 
 
 def to_rgb8(im: Image.Image) -> Image.Image:

@@ -25,7 +25,7 @@ import pytest
 import requests
 from devtools import chromium_page
 from PIL import Image
-from test_fiftyone import free_port, private_mongo, write_small_run  # noqa: F401 -- private_mongo is a fixture
+from test_fiftyone import as_twelve_bit, free_port, private_mongo, write_small_run  # noqa: F401 -- a fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,6 +71,8 @@ def app_server(private_mongo, tmp_path: Path):  # noqa: F811 -- the imported fix
     from conftest import make_dataset
 
     data = make_dataset(tmp_path / "flowers", per_class=6)
+    # the worst off-class candidate, first in its view, as a 12-bit camera's TIFF: Chromium draws no TIFF
+    as_twelve_bit(sorted((data / "roses").glob("*.jpg"))[4], ".tif")
     run_dir = tmp_path / "flower_run"  # dataset curate-flower_run: its URL slug differs from its name
     manifest = write_small_run(run_dir, data)
     port = free_port()

@@ -199,6 +199,15 @@ def write_small_run(run_dir: Path, data: Path, embeddings: bool = True) -> pd.Da
     return m
 
 
+def as_twelve_bit(photo: Path, suffix: str) -> Path:
+    """Replace a real JPEG by its grey picture as a 12-bit machine-vision camera saves it (16-bit TIFF or PNG)."""
+    grey = np.asarray(Image.open(photo).convert("L"))
+    out = photo.with_suffix(suffix)
+    Image.fromarray(grey.astype(np.uint16) * 16).save(out)
+    photo.unlink()
+    return out
+
+
 @pytest.fixture(scope="module")
 def built(private_mongo: str, tmp_path_factory: pytest.TempPathFactory):
     """(run_dir, manifest, dataset): the small run built once for this module's tests."""
@@ -235,6 +244,42 @@ def test_dataset_has_one_sample_per_row_with_labels_tags_fields(built):
     assert broken["error"].startswith("cannot identify") and broken["width"] is None and broken.predictions is None
     state = json.loads((run_dir / "fiftyone.json").read_text())
     assert state["dataset"] == ds.name and state["samples"] == 31
+    # every photo is one a browser draws: the App shows the files themselves, no copies
+    assert ds.app_config.grid_media_field == "filepath" and "preview_filepath" not in ds.get_field_schema()
+    assert not (run_dir / "app_media").exists()
+
+
+def test_photos_a_browser_cannot_draw_are_shown_from_8_bit_copies(private_mongo, tmp_path, caplog):
+    from conftest import make_dataset, tree_fingerprint
+
+    from curate.fiftyone_bridge import build_dataset
+
+    data = make_dataset(tmp_path / "flowers", per_class=6)
+    tif = as_twelve_bit(sorted((data / "roses").glob("*.jpg"))[4], ".tif")
+    png16 = as_twelve_bit(sorted((data / "daisy").glob("*.jpg"))[2], ".png")
+    run_dir = tmp_path / "run"
+    m = write_small_run(run_dir, data)
+    before = tree_fingerprint(data)
+    ds = build_dataset(run_dir, progress=False)
+    assert tree_fingerprint(data) == before  # the copies go to the run folder, never beside the photos
+    assert ds.app_config.grid_media_field == ds.app_config.modal_media_field == "preview_filepath"
+    by_rel = {s["relpath"]: s for s in ds}
+    for src in (tif, png16):
+        sample = by_rel[src.relative_to(data).as_posix()]
+        copy = Path(sample["preview_filepath"])
+        assert copy.parent == (run_dir / "app_media").resolve() and copy.suffix == ".png"
+        with Image.open(copy) as im:
+            assert im.mode == "RGB" and im.size == Image.open(src).size
+            shown = np.asarray(im.convert("L"), dtype=float)
+        grey = np.asarray(Image.open(src), dtype=float) / 16  # the 8-bit picture it was made from
+        assert np.abs(shown - grey).mean() < 1.5  # not white (Pillow's clip) and not black (the browser's 16->8)
+    jpeg = m.loc[m["filepath"].str.endswith(".jpg") & (m["error"] == ""), "filepath"].iloc[0]
+    assert by_rel[jpeg]["preview_filepath"] == by_rel[jpeg]["filepath"]  # drawable: shown as it is
+    assert by_rel["tulips/broken.jpg"]["preview_filepath"] == by_rel["tulips/broken.jpg"]["filepath"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="curate"):
+        build_dataset(run_dir, progress=False, force=True)
+    assert "(0 written now)" in caplog.text  # the copies are named by content: a rebuild reuses them
 
 
 def test_unchanged_inputs_skip_the_build_and_a_changed_file_does_not(built, caplog):

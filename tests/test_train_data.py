@@ -140,6 +140,10 @@ def test_machine_vision_bit_depths_look_the_same_to_the_trainer_and_to_scan(tmp_
     for name in ("twelve.png", "twelve.tif", "float.tif"):
         got = tdata.decode_image(data / name, 64).astype(float)
         assert np.abs(got - ref).mean() < 2, name  # 255/4095 scaling: 4080 -> 254, within a level or two
+    from curate.io import sensor_range
+
+    # a dim 12-bit frame (brightest pixel 2000 of 4095) stays dim; only one below a quarter of the range is lifted
+    assert [sensor_range(np.array([top]), "I;16") for top in (2000, 4095, 900, 40000)] == [4095, 4095, 1023, 65535]
     clipped = np.asarray(Image.open(data / "twelve.png").convert("RGB"), dtype=float)
     assert clipped.mean() > grey.mean() + 50  # what the trainer saw before: nearly white
     m = scan(tmp_path / "data", out=tmp_path / "run", progress=False)
