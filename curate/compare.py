@@ -265,6 +265,12 @@ def compare(raw: str | os.PathLike, clean: str | os.PathLike, data: str | os.Pat
                        "raw_manifest": str(raw_path), "clean_manifest": str(clean_path),
                        "seconds": round(time.monotonic() - started, 1)})
         atomic_write_json(run_dir / "compare.json", result)
+    if not (result["raw"]["beats_chance"] or result["clean"]["beats_chance"]):
+        t = result["test"]
+        log.warning("compare: neither training did better than chance on the %d verified test photos (answering "
+                    "without looking at the photo; always '%s' alone scores %.3f): the comparison says nothing about "
+                    "the cleaning. Train longer or larger (--epochs, --preset cpu) or add photos of the small classes",
+                    t["verified_test"], t["largest_class"], t["largest_class_share"])
     log.info("compare: accuracy raw %s, cleaned %s, difference %+.3f; macro-F1 raw %s, cleaned %s, difference "
              "%+.3f; on %d verified test photos -> %s", _fmt(result["raw"]["accuracy"]),
              _fmt(result["clean"]["accuracy"]), result["difference"]["mean"], _fmt(result["raw"]["macro_f1"]),
@@ -292,6 +298,18 @@ def _summarise(runs: list[dict], classes: list[str], test_facts: dict, raw_t: pd
         }
     raw_runs = sorted((r for r in runs if r["variant"] == "raw"), key=lambda r: r["seed"])
     clean_runs = sorted((r for r in runs if r["variant"] == "clean"), key=lambda r: r["seed"])
+    # is each training better than answers that ignore the photo (labels.beats_chance, over all seeds' answers)?
+    from curate.labels import beats_chance
+
+    code = {c: i for i, c in enumerate(classes)}
+    for variant, mine in (("raw", raw_runs), ("clean", clean_runs)):
+        truth = np.array([code[v] for r in mine for v in r["truth"]])
+        answers = np.array([code.get(v, len(classes)) for r in mine for v in r["predicted"]])
+        _, chance, better = beats_chance(truth, answers)
+        out[variant]["chance_accuracy"], out[variant]["beats_chance"] = chance, better
+    test_truth = pd.Series(raw_runs[0]["truth"])
+    out["test"]["largest_class"] = str(test_truth.value_counts().idxmax())
+    out["test"]["largest_class_share"] = float(test_truth.value_counts(normalize=True).max())
     out["difference"] = paired_difference([r["accuracy"] for r in raw_runs], [r["accuracy"] for r in clean_runs],
                                           np.array([r["correct"] for r in raw_runs]),
                                           np.array([r["correct"] for r in clean_runs]))

@@ -392,10 +392,17 @@ def compare_verdict(compare: dict) -> str:
     interval over seeds (over test photos when there is one seed), for accuracy and for macro-F1.
 
     Macro-F1 weighs every class equally; when the two disagree (imbalanced classes: a cleaning that helps the
-    big classes and costs a rare one) the verdict says so instead of trusting accuracy alone.
+    big classes and costs a rare one) the verdict says so instead of trusting accuracy alone. When neither
+    training beat chance on the test photos (`beats_chance` in compare.json), there is no verdict.
     """
     d = compare["difference"]
     f1 = compare.get("difference_macro_f1")  # absent in compare.json files written before it existed
+    if compare.get("raw", {}).get("beats_chance") is False and compare.get("clean", {}).get("beats_chance") is False:
+        t = compare["test"]
+        return (f"No verdict: neither training did better than chance on the {t['verified_test']} verified test photos "
+                f"(answers that ignore the photo; always '{t['largest_class']}' alone scores "
+                f"{t['largest_class_share']:.3f}), so the comparison says nothing about the cleaning. Train longer or "
+                "larger (`--epochs`, `--preset cpu`), or add photos of the small classes.")
     acc_sign = _judged(d)
     points = abs(d["mean"]) * 100
     if f1 is None or _judged(f1) == acc_sign:
@@ -626,6 +633,21 @@ def section_cleaning(art: RunArtifacts, metrics: dict) -> str:
             f'<img src="{chart}" alt="class distribution before and after cleaning"></div>')
 
 
+def chance_sentence(c: dict) -> str:
+    """What answers that ignore the photo would score on the test photos (empty for older compare.json files)."""
+    if "chance_accuracy" not in c.get("raw", {}):
+        return ""
+    t = c["test"]
+    return (f"Answers that ignore the photo (each class as often as the model names it) would score "
+            f"{c['raw']['chance_accuracy']:.3f} (raw) and {c['clean']['chance_accuracy']:.3f} (cleaned); always "
+            f"'{t['largest_class']}' scores {t['largest_class_share']:.3f}.")
+
+
+def _chance_html(c: dict) -> str:
+    sentence = chance_sentence(c)
+    return f"<p class='sub'>{html.escape(sentence)}</p>" if sentence else ""
+
+
 def section_training(art: RunArtifacts) -> str:
     c = art.compare
     if not c:
@@ -661,7 +683,7 @@ def section_training(art: RunArtifacts) -> str:
         f"<td class='n'>{_fmt_ci(d_f1['ci95_seeds']) if d_f1 else '–'}</td></tr>"
         f"<tr><td>95% CI, bootstrap over test photos</td><td class='n'>{_fmt_ci(d['ci95_bootstrap'])}</td>"
         f"<td class='n'>{_fmt_ci(d_f1['ci95_bootstrap']) if d_f1 else '–'}</td></tr></table>"
-        f"<p><b>{html.escape(compare_verdict(c))}</b></p>"
+        f"{_chance_html(c)}<p><b>{html.escape(compare_verdict(c))}</b></p>"
         f'<div class="charts"><img src="{acc}" alt="accuracy before and after cleaning">'
         f"<table><tr><th>class</th><th>F1 raw</th><th>F1 cleaned</th><th>Δ</th></tr>{f1}</table>"
         f"<table><tr><th>run</th><th>seed</th><th>accuracy</th><th>macro-F1</th><th>s</th></tr>{runs}</table></div>"
@@ -761,6 +783,8 @@ def render_markdown(art: RunArtifacts, metrics: dict) -> str:
         if f1:
             lines += ["", f"Cleaned − raw macro-F1: {f1['mean']:+.3f} (95% CI over seeds {_fmt_ci(f1['ci95_seeds'])}, "
                           f"bootstrap over test photos {_fmt_ci(f1['ci95_bootstrap'])})."]
+        if chance_sentence(c):
+            lines += ["", chance_sentence(c)]
         lines += ["", f"**{compare_verdict(c)}**", "",
                   "| class | F1 raw | F1 cleaned |",
                   "|---|---:|---:|"]

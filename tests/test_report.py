@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -29,8 +30,10 @@ def _scanned_run(data: Path, run_dir: Path, flagged: bool) -> tuple[Path, str]:
     return run, off
 
 
-def _fake_trainings(run: Path, preset: str = "tiny", epochs: int = 2) -> None:
-    """Finished trainings as the trainer leaves them (predictions.csv, log.csv), so compare reuses them."""
+def _fake_trainings(run: Path, preset: str = "tiny", epochs: int = 2, always: str | None = None) -> None:
+    """Finished trainings as the trainer leaves them (predictions.csv, log.csv), so compare reuses them.
+
+    Each gets a known number of test photos wrong, or with `always` answers that one class for every photo."""
     raw_t, clean_t, _ = training_manifests(read_manifest(run / "manifest.csv"), read_manifest(run / "cleaned.csv"))
     classes = sorted(set(raw_t["label"]))
     test = raw_t[raw_t["split"] == "test"]
@@ -40,6 +43,8 @@ def _fake_trainings(run: Path, preset: str = "tiny", epochs: int = 2) -> None:
         predicted = test["label"].tolist()
         for k in range(n_wrong):  # a known number of mistakes: the next class in the list
             predicted[k] = classes[(classes.index(predicted[k]) + 1) % len(classes)]
+        if always is not None:
+            predicted = [always] * len(predicted)
         pred = pd.DataFrame({"filepath": test["filepath"], "label": test["label"], "predicted": predicted})
         for c in classes:
             pred[f"p_{c}"] = (pred["predicted"] == c).astype(float)
@@ -130,6 +135,32 @@ def test_compare_verdict_follows_the_confidence_interval(seeds_ci, bootstrap_ci,
     mean = -0.035 if starts.startswith("Cleaning cost") else 0.035
     verdict = compare_verdict({"difference": {"mean": mean, "ci95_seeds": seeds_ci, "ci95_bootstrap": bootstrap_ci}})
     assert verdict.startswith(starts), verdict
+
+
+def test_trainings_no_better_than_chance_give_no_verdict(small_dataset, tmp_path, caplog):
+    run, _ = _scanned_run(small_dataset, tmp_path / "reports" / "flowers", flagged=True)
+    export(run)
+    _fake_trainings(run, always="daisy")  # what a model that learned nothing of an imbalanced dataset answers
+    with caplog.at_level(logging.WARNING, logger="curate"):
+        result = compare(run / "manifest.csv", run / "cleaned.csv", preset="tiny", seeds=1, epochs=2,
+                         progress=False)
+    assert not result["raw"]["beats_chance"] and not result["clean"]["beats_chance"]
+    assert "neither training did better than chance" in caplog.text
+    verdict = compare_verdict(result)
+    assert verdict.startswith("No verdict") and f"always '{result['test']['largest_class']}'" in verdict
+    report(run)
+    md = (run / "report.md").read_text()
+    assert verdict in md and "always 'daisy' scores 0.200" in md
+
+
+def test_one_training_above_chance_is_enough_for_a_verdict(full_run):
+    run, _ = full_run
+    saved = json.loads((run / "compare.json").read_text())
+    n = saved["test"]["verified_test"]  # 5 photos, one per class: chance is 1 in 5
+    assert saved["clean"]["accuracy"]["mean"] == (n - 1) / n and saved["clean"]["beats_chance"]
+    assert saved["raw"]["accuracy"]["mean"] == (n - 3) / n and not saved["raw"]["beats_chance"]  # 2 of 5: no evidence
+    assert saved["raw"]["chance_accuracy"] == pytest.approx(0.2)
+    assert not compare_verdict(saved).startswith("No verdict")
 
 
 @pytest.mark.parametrize("acc_ci, f1_ci, starts, says", [
