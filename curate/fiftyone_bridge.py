@@ -409,11 +409,11 @@ def _browser_copies(run_dir: Path, manifest: pd.DataFrame, paths: list[str]) -> 
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from curate.io import HIGH_DEPTH_MODES, atomic_path, open_upright
+    from curate.io import atomic_path, is_high_depth_mode, open_upright
 
     modes = manifest.get("mode", pd.Series([""] * len(manifest))).fillna("").astype(str)
     errors = manifest.get("error", pd.Series([""] * len(manifest))).fillna("").astype(str)
-    needs = [not err and (os.path.splitext(p)[1].lower() not in BROWSER_EXTENSIONS or mode in HIGH_DEPTH_MODES)
+    needs = [not err and (os.path.splitext(p)[1].lower() not in BROWSER_EXTENSIONS or is_high_depth_mode(mode))
              for p, mode, err in zip(paths, modes, errors, strict=True)]
     if not any(needs):
         return None

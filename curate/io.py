@@ -135,11 +135,47 @@ def sensor_range(pixels: np.ndarray, mode: str) -> float:
     return float(2 ** (bits + bits % 2) - 1)
 
 
+def is_high_depth_mode(mode: str) -> bool:
+    """A manifest `mode` with more than 8 bits per sample (scan writes `RGB;16` for 16-bit colour)."""
+    return mode in HIGH_DEPTH_MODES or mode.endswith(";16")
+
+
+def is_deep_colour(im: Image.Image) -> bool:
+    """A colour image with 16 bits per sample (48-bit PNG or TIFF). Pillow opens it as 8-bit RGB by keeping
+    each sample's high byte, which turns a 12-bit camera's frame nearly black, so `decode_deep_colour` reads
+    it instead. Ask before the image is loaded: the undecoded tiles' raw mode is what tells."""
+    if im.mode not in ("RGB", "RGBA"):
+        return False
+    for tile in im.tile:
+        args = tile[3]
+        rawmode = args if isinstance(args, str) else (args[0] if args else "")
+        if isinstance(rawmode, str) and ";16" in rawmode:
+            return True
+    return False
+
+
+def decode_deep_colour(data: bytes) -> Image.Image:
+    """A 16-bit colour image's bytes as 8-bit RGB, scaled by its `sensor_range` (OpenCV keeps all 16 bits)."""
+    import cv2
+    import numpy as np
+    from PIL import Image
+
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise OSError("cannot decode this 16-bit colour image (OpenCV)")
+    if arr.ndim == 3:
+        arr = arr[..., :3][..., ::-1]  # OpenCV's BGR(A) -> RGB; alpha dropped as to_rgb8 drops it
+    pixels = arr.astype(np.float64)
+    scaled = np.rint(np.clip(pixels * (255.0 / sensor_range(pixels, "I;16")), 0, 255)).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(scaled)).convert("RGB")
+
+
 def to_rgb8(im: Image.Image) -> Image.Image:
     """Any decoded image as 8-bit RGB, the way every stage sees it (scan, flag, trainer, previews).
 
     16-bit, 32-bit and float images are scaled by `sensor_range`; palette images with transparency go
-    through RGBA first (Pillow warns otherwise).
+    through RGBA first (Pillow warns otherwise). 16-bit colour needs `decode_deep_colour` (Pillow has
+    already dropped the low byte by the time an image reaches here).
     """
     from PIL import Image
 
@@ -164,6 +200,8 @@ def open_upright(path: str | os.PathLike, draft: int) -> Image.Image:
     from PIL import Image, ImageOps
 
     with Image.open(path) as im:
+        if is_deep_colour(im):
+            return decode_deep_colour(Path(path).read_bytes())
         im.draft("RGB", (draft, draft))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Palette images with Transparency": to_rgb8 goes through RGBA

@@ -39,8 +39,10 @@ from curate.io import (
     atomic_write_csv,
     atomic_write_json,
     atomic_write_text,
+    decode_deep_colour,
     default_run_dir,
     flags_of,
+    is_deep_colour,
     run_lock,
     to_rgb8,
 )
@@ -228,8 +230,9 @@ def scan_bytes(data: bytes, relpath: str, config: ScanConfig) -> dict[str, Any]:
         return _fail(row, "corrupt", f"cannot open image: {exc}{hint}")
 
     with im:
+        deep = is_deep_colour(im)
         row["format"] = im.format or ""
-        row["mode"] = im.mode
+        row["mode"] = im.mode + (";16" if deep else "")
         width, height = im.size
         row["width"], row["height"] = width, height
         if width * height > config.max_pixels:
@@ -240,8 +243,11 @@ def scan_bytes(data: bytes, relpath: str, config: ScanConfig) -> dict[str, Any]:
                 warnings.simplefilter("ignore")  # e.g. "Palette images with Transparency": handled below
                 if im.format == "JPEG":
                     im.draft("RGB", (config.decode_size, config.decode_size))
-                im.load()
-                rgb = _to_working_rgb(im, config.decode_size)
+                if deep:
+                    rgb = _reduce_towards(decode_deep_colour(data), config.decode_size)
+                else:
+                    im.load()
+                    rgb = _to_working_rgb(im, config.decode_size)
                 orientation = _orientation(im)
         except OSError as exc:
             flag = "truncated" if "truncat" in str(exc).lower() else "corrupt"

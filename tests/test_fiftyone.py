@@ -257,8 +257,17 @@ def test_photos_a_browser_cannot_draw_are_shown_from_8_bit_copies(private_mongo,
     data = make_dataset(tmp_path / "flowers", per_class=6)
     tif = as_twelve_bit(sorted((data / "roses").glob("*.jpg"))[4], ".tif")
     png16 = as_twelve_bit(sorted((data / "daisy").glob("*.jpg"))[2], ".png")
+    import cv2  # a 12-bit colour camera's 48-bit PNG: OpenCV writes it, Pillow would read only its high bytes
+
+    jpeg48 = sorted((data / "tulips").glob("*.jpg"))[1]
+    png48 = jpeg48.with_suffix(".png")
+    colour = np.asarray(Image.open(jpeg48).convert("RGB"))
+    assert cv2.imwrite(str(png48), colour[..., ::-1].astype(np.uint16) * 16)
+    jpeg48.unlink()
     run_dir = tmp_path / "run"
     m = write_small_run(run_dir, data)
+    m.loc[m["filepath"] == png48.relative_to(data).as_posix(), "mode"] = "RGB;16"  # as scan records it
+    m.to_csv(run_dir / "manifest.csv", index=False)
     before = tree_fingerprint(data)
     ds = build_dataset(run_dir, progress=False)
     assert tree_fingerprint(data) == before  # the copies go to the run folder, never beside the photos
@@ -273,6 +282,9 @@ def test_photos_a_browser_cannot_draw_are_shown_from_8_bit_copies(private_mongo,
             shown = np.asarray(im.convert("L"), dtype=float)
         grey = np.asarray(Image.open(src), dtype=float) / 16  # the 8-bit picture it was made from
         assert np.abs(shown - grey).mean() < 1.5  # not white (Pillow's clip) and not black (the browser's 16->8)
+    copy = Path(by_rel[png48.relative_to(data).as_posix()]["preview_filepath"])
+    assert copy.parent == (run_dir / "app_media").resolve()
+    assert np.abs(np.asarray(Image.open(copy), dtype=float) - colour).mean() < 1.5
     jpeg = m.loc[m["filepath"].str.endswith(".jpg") & (m["error"] == ""), "filepath"].iloc[0]
     assert by_rel[jpeg]["preview_filepath"] == by_rel[jpeg]["filepath"]  # drawable: shown as it is
     assert by_rel["tulips/broken.jpg"]["preview_filepath"] == by_rel["tulips/broken.jpg"]["filepath"]

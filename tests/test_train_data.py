@@ -119,9 +119,9 @@ def test_decode_image_uses_reduced_size_decode_and_returns_rgb():
 
 
 def test_machine_vision_bit_depths_look_the_same_to_the_trainer_and_to_scan(tmp_path):
-    """A 12-bit camera's frames in 16-bit PNG and TIFF, and a float TIFF in 0..1: the trainer and scan both
-    see the 8-bit photo they were made from, not a white frame (Pillow's own conversion clips) or a black
-    one (scaling 12 bits by 65535)."""
+    """A 12-bit camera's frames in 16-bit PNG and TIFF (grey and colour), and a float TIFF in 0..1: the
+    trainer and scan both see the 8-bit photo they were made from, not a white frame (Pillow's own
+    conversion clips grey) or a black one (scaling 12 bits by 65535; Pillow's high bytes of colour)."""
     from PIL import Image
 
     from curate.scan import scan
@@ -136,10 +136,21 @@ def test_machine_vision_bit_depths_look_the_same_to_the_trainer_and_to_scan(tmp_
     Image.fromarray(twelve).save(data / "twelve.tif")
     Image.fromarray((grey / 255.0).astype(np.float32), "F").save(data / "float.tif")
     assert Image.open(data / "twelve.png").mode.startswith("I") and Image.open(data / "float.tif").mode == "F"
+    # colour at 12 bits in a 48-bit PNG and TIFF (OpenCV writes them; Pillow reads them as 8-bit high bytes)
+    import cv2
+
+    colour = np.asarray(Image.open(photo).convert("RGB"))
+    Image.fromarray(colour).save(data / "eight_colour.png")
+    for name in ("twelve_colour.png", "twelve_colour.tif"):
+        assert cv2.imwrite(str(data / name), colour[..., ::-1].astype(np.uint16) * 16)
     ref = tdata.decode_image(data / "eight.png", 64).astype(float)
-    for name in ("twelve.png", "twelve.tif", "float.tif"):
+    ref_colour = tdata.decode_image(data / "eight_colour.png", 64).astype(float)
+    for name in ("twelve.png", "twelve.tif", "float.tif", "twelve_colour.png", "twelve_colour.tif"):
         got = tdata.decode_image(data / name, 64).astype(float)
-        assert np.abs(got - ref).mean() < 2, name  # 255/4095 scaling: 4080 -> 254, within a level or two
+        want = ref_colour if "colour" in name else ref
+        assert np.abs(got - want).mean() < 2, name  # 255/4095 scaling: 4080 -> 254, within a level or two
+    high_bytes = np.asarray(Image.open(data / "twelve_colour.png").convert("RGB"), dtype=float)
+    assert high_bytes.mean() < colour.mean() / 8  # what Pillow alone gives a 48-bit image: nearly black
     from curate.io import sensor_range
 
     # a dim 12-bit frame (brightest pixel 2000 of 4095) stays dim; only one below a quarter of the range is lifted
@@ -147,9 +158,12 @@ def test_machine_vision_bit_depths_look_the_same_to_the_trainer_and_to_scan(tmp_
     clipped = np.asarray(Image.open(data / "twelve.png").convert("RGB"), dtype=float)
     assert clipped.mean() > grey.mean() + 50  # what the trainer saw before: nearly white
     m = scan(tmp_path / "data", out=tmp_path / "run", progress=False)
-    bright = m.set_index("filepath")["brightness"].astype(float)
-    for name in ("twelve.png", "twelve.tif", "float.tif"):
+    by_file = m.set_index("filepath")
+    bright = by_file["brightness"].astype(float)
+    for name in ("twelve.png", "twelve.tif", "float.tif", "twelve_colour.png", "twelve_colour.tif"):
         assert abs(bright[f"part/{name}"] - bright["part/eight.png"]) < 0.01, name
+    assert by_file.loc["part/twelve_colour.tif", "mode"] == "RGB;16"
+    assert by_file.loc["part/eight_colour.png", "mode"] == "RGB"
 
 
 def test_stratified_sample_keeps_class_proportions():
