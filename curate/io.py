@@ -182,12 +182,31 @@ def to_rgb8(im: Image.Image) -> Image.Image:
     if im.mode in HIGH_DEPTH_MODES:
         import numpy as np
 
-        pixels = np.asarray(im, dtype=np.float64)
+        pixels = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         scaled = np.rint(np.clip(pixels * (255.0 / sensor_range(pixels, im.mode)), 0, 255))
         im = Image.fromarray(scaled.astype(np.uint8), "L")
     if im.mode == "P":
         im = im.convert("RGBA")
     return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1 = upright; also for no, unknown or unreadable EXIF)."""
+    try:
+        value = int(im.getexif().get(0x0112, 1))
+        return value if 1 <= value <= 8 else 1
+    except Exception:  # noqa: BLE001 -- malformed EXIF: the stored pixels are all there is
+        return 1
+
+
+def upright(im: Image.Image, orientation: int) -> Image.Image:
+    """`im` turned as EXIF `orientation` says a viewer shows it (as ImageOps.exif_transpose does)."""
+    from PIL import Image
+
+    t = Image.Transpose
+    method = {2: t.FLIP_LEFT_RIGHT, 3: t.ROTATE_180, 4: t.FLIP_TOP_BOTTOM, 5: t.TRANSPOSE, 6: t.ROTATE_270,
+              7: t.TRANSVERSE, 8: t.ROTATE_90}.get(orientation)
+    return im.transpose(method) if method is not None else im
 
 
 def open_upright(path: str | os.PathLike, draft: int) -> Image.Image:
@@ -201,7 +220,7 @@ def open_upright(path: str | os.PathLike, draft: int) -> Image.Image:
 
     with Image.open(path) as im:
         if is_deep_colour(im):
-            return decode_deep_colour(Path(path).read_bytes())
+            return upright(decode_deep_colour(Path(path).read_bytes()), exif_orientation(im))
         im.draft("RGB", (draft, draft))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Palette images with Transparency": to_rgb8 goes through RGBA

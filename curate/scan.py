@@ -41,10 +41,12 @@ from curate.io import (
     atomic_write_text,
     decode_deep_colour,
     default_run_dir,
+    exif_orientation,
     flags_of,
     is_deep_colour,
     run_lock,
     to_rgb8,
+    upright,
 )
 from curate.quality import QualityBounds, data_relative_flags, data_thresholds, image_metrics
 
@@ -161,21 +163,6 @@ def _to_working_rgb(im: Image.Image, decode_size: int) -> Image.Image:
     return _reduce_towards(to_rgb8(im), decode_size)
 
 
-# EXIF orientation -> the transpose that shows the picture upright (as ImageOps.exif_transpose does)
-_EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-                   4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
-                   7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
-
-
-def _orientation(im: Image.Image) -> int:
-    """The EXIF orientation tag (1 = upright; also for no or unreadable EXIF)."""
-    try:
-        value = im.getexif().get(0x0112, 1)
-        return int(value) if int(value) in _EXIF_TRANSPOSE else 1
-    except Exception:  # noqa: BLE001 -- malformed EXIF: the stored pixels are all there is
-        return 1
-
-
 def _reduce_towards(im: Image.Image, side: int) -> Image.Image:
     """`im` box-reduced by the largest power of two (at most 8) that keeps its shorter side >= `side`."""
     factor = 1
@@ -248,7 +235,7 @@ def scan_bytes(data: bytes, relpath: str, config: ScanConfig) -> dict[str, Any]:
                 else:
                     im.load()
                     rgb = _to_working_rgb(im, config.decode_size)
-                orientation = _orientation(im)
+                orientation = exif_orientation(im)
         except OSError as exc:
             flag = "truncated" if "truncat" in str(exc).lower() else "corrupt"
             return _fail(row, flag, f"cannot decode image: {exc}")
@@ -257,7 +244,7 @@ def scan_bytes(data: bytes, relpath: str, config: ScanConfig) -> dict[str, Any]:
 
     if orientation != 1:
         # hash and measure the picture as every viewer (and the trainer) shows it, at its displayed size
-        rgb = rgb.transpose(_EXIF_TRANSPOSE[orientation])
+        rgb = upright(rgb, orientation)
         if orientation >= 5:
             width, height = height, width
             row["width"], row["height"] = width, height
