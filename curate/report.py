@@ -530,7 +530,8 @@ def section_off_class(art: RunArtifacts, thumbs: Thumbnails) -> str:
             if len(scored) and not informative:
                 intro += (f" The models agree with the folder labels on {accuracy:.0%} of the photos, no better "
                           f"than chance ({chance:.0%} for answers that ignore the photo), so their disagreement "
-                          "is no evidence (see the flag stage's warning).")
+                          "is no evidence (see the flag stage's warning); label_quality ranks the photos by how "
+                          "unlike every class they look instead (distance to the nearest class centre).")
         lowest = m.assign(_q=q).sort_values("_q").head(20)
         if len(lowest):
             rows, intro = lowest, intro + " The 20 lowest label-quality scores, for a look:"

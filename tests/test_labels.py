@@ -247,6 +247,23 @@ def test_no_off_class_from_models_that_know_nothing_of_the_classes(tmp_path, cap
     assert read_manifest(run / "manifest.csv")["flags"].str.contains("off_class").any()  # what it did before
 
 
+def test_models_at_chance_rank_photos_unlike_every_class_first(tmp_path):
+    # the same shots with two real photos of something else filed as `good` parts: with nothing learned of
+    # the classes, label_quality follows the distance to the nearest class centre, which puts them first
+    from conftest import real_photos
+    from PIL import Image
+
+    data = inspection_shots(tmp_path / "inspection")
+    for i, photo in enumerate(real_photos(1, ["roses", "tulips"])):
+        Image.open(photo).convert("RGB").resize((320, 240)).save(data / "good" / f"stray{i}.png")
+    run = _scanned_run(data, tmp_path / "run", pattern="*/*.png")
+    L.flag(run, folds=3, fast=True, progress=False)
+    df = read_manifest(run / "manifest.csv")
+    assert not df["flags"].str.contains("off_class").any()  # still at chance: nothing flagged
+    first = df.sort_values("label_quality")["filepath"].head(2).tolist()
+    assert sorted(first) == ["good/stray0.png", "good/stray1.png"], df.sort_values("label_quality").head(5)
+
+
 def test_max_off_class_shortens_the_flag_and_leaves_the_ranking_alone(small_dataset, tmp_path):
     from badinputs import run_cli
 
@@ -288,8 +305,10 @@ def test_flag_usage_errors(small_dataset, tmp_path):
 
 def test_flag_with_a_tiny_kfold_vit_writes_its_out_of_fold_outputs(small_dataset, tmp_path):
     run = _scanned_run(small_dataset, tmp_path / "run")
+    # a tiny ViT on 30 photos is at chance, where label_quality is the centre distance alone: score as if not
+    # (chance_p_value=None), so the combination of the components is what is tested
     L.flag(run, folds=2, embeddings="vit", progress=False,
-           config=L.FlagConfig(vit=TINY_VIT, group_size=3, retrain_pruned=False))
+           config=L.FlagConfig(vit=TINY_VIT, group_size=3, retrain_pruned=False, chance_p_value=None))
     df = read_manifest(run / "manifest.csv")
     for col in ["q_cleanlab", "q_knn", "q_cluster", "q_confidence", "q_features", "q_face", "q_body", "q_structure",
                 "q_focus", "q_colour", "face_score", "body_score",
@@ -306,7 +325,7 @@ def test_flag_with_a_tiny_kfold_vit_writes_its_out_of_fold_outputs(small_dataset
 
     # --no-scene: the detectors' columns go (the folds come from the cache) and label_quality changes
     L.flag(run, folds=2, embeddings="vit", progress=False,
-           config=L.FlagConfig(vit=TINY_VIT, group_size=3, scene=False, retrain_pruned=False))
+           config=L.FlagConfig(vit=TINY_VIT, group_size=3, scene=False, retrain_pruned=False, chance_p_value=None))
     plain = read_manifest(run / "manifest.csv")
     assert not {"q_face", "q_body", "q_structure", "q_focus", "q_colour", "face_score", "body_score",
                 "straight_edges", "in_focus", "colourfulness"} & set(plain.columns)
