@@ -74,6 +74,9 @@ class BridgeConfig:
     cluster_view_min_flagged_share: float = 0.5  # a cluster gets its own view when this share is off_class/outlier
     max_cluster_views: int = 12
     extra_views: dict[str, Any] = field(default_factory=dict)  # name -> callable(dataset) -> view, for callers
+    # longest side of the App's 8-bit copies of TIFF and 16-bit photos: a 5-megapixel frame's copy stays near
+    # 1-2 MB (PNG), and the original is a click away in the App's media field selector
+    preview_max_side: int = 2048
 
 
 def _without_mongodb_age_notice(record: logging.LogRecord) -> bool:
@@ -265,7 +268,8 @@ def _inputs_fingerprint(run_dir: Path, cfg: BridgeConfig) -> dict:
     files = {n: [(run_dir / n).stat().st_size, (run_dir / n).stat().st_mtime_ns] for n in names
              if (run_dir / n).exists()}
     config = {"brain": cfg.brain, "method": cfg.visualization_method,
-              "cluster_share": cfg.cluster_view_min_flagged_share, "cluster_views": cfg.max_cluster_views}
+              "cluster_share": cfg.cluster_view_min_flagged_share, "cluster_views": cfg.max_cluster_views,
+              "preview_max_side": cfg.preview_max_side}
     return {"version": BUILD_VERSION, "config": config, "files": files}
 
 
@@ -313,7 +317,7 @@ def build_dataset(run: str | os.PathLike | None, config: BridgeConfig | None = N
         _ensure_field(fo, dataset, "relpath", "str")
         timings = {"load": time.perf_counter() - t0}
         removed = _remove_stale_samples(dataset, paths)
-        fields = _fields(fo, dataset, run_dir, manifest, paths)
+        fields = _fields(fo, dataset, run_dir, manifest, paths, cfg.preview_max_side)
         added = _apply_fields(fo, dataset, paths, fields, progress)
         _set_media_field(dataset, "preview_filepath" in fields)
         timings["fields"] = time.perf_counter() - t0 - sum(timings.values())
@@ -344,7 +348,8 @@ def build_dataset(run: str | os.PathLike | None, config: BridgeConfig | None = N
     return dataset
 
 
-def _fields(fo, dataset, run_dir: Path, manifest: pd.DataFrame, paths: list[str]) -> dict[str, tuple[str | None, list]]:
+def _fields(fo, dataset, run_dir: Path, manifest: pd.DataFrame, paths: list[str],
+            preview_max_side: int = 2048) -> dict[str, tuple[str | None, list]]:
     """Every sample field to write: name -> (declared kind or None for labels/metadata/tags, values in row order)."""
     n = len(manifest)
     fields: dict[str, tuple[str | None, list]] = {"relpath": ("str", manifest["filepath"].tolist())}
@@ -380,7 +385,7 @@ def _fields(fo, dataset, run_dir: Path, manifest: pd.DataFrame, paths: list[str]
     for col in manifest.columns:
         if col not in _HANDLED_COLUMNS:
             fields[_field_name(col)] = _column_values(manifest[col])
-    previews = _browser_copies(run_dir, manifest, paths)
+    previews = _browser_copies(run_dir, manifest, paths, preview_max_side)
     if previews is not None:
         fields["preview_filepath"] = ("str", previews)
 
@@ -399,15 +404,19 @@ def _fields(fo, dataset, run_dir: Path, manifest: pd.DataFrame, paths: list[str]
     return fields
 
 
-def _browser_copies(run_dir: Path, manifest: pd.DataFrame, paths: list[str]) -> list[str] | None:
+def _browser_copies(run_dir: Path, manifest: pd.DataFrame, paths: list[str],
+                    max_side: int = 2048) -> list[str] | None:
     """Per sample, the file the App should draw: the photo itself, or for a format or bit depth browsers do not
     draw (see BROWSER_EXTENSIONS), an 8-bit PNG copy under `<run>/app_media/` (as the trainer sees it, `to_rgb8`;
-    named by content, so a rebuild reuses it). None when every photo is drawable as it is (the usual case).
+    longest side at most `max_side`; named by content and size, so a rebuild reuses it). None when every photo
+    is drawable as it is (the usual case).
 
     FiftyOne's own answer is `fiftyone.utils.image.transform_images`; this writes the copies with the pixels
     every curate stage sees, into the run folder, never beside the photos.
     """
     from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
 
     from curate.io import atomic_path, is_high_depth_mode, open_upright
 
@@ -423,13 +432,14 @@ def _browser_copies(run_dir: Path, manifest: pd.DataFrame, paths: list[str]) -> 
     for i, need in enumerate(needs):
         if need:
             key = shas.iloc[i] if len(shas.iloc[i]) == 64 else hashlib.sha256(paths[i].encode()).hexdigest()
-            out[i] = str((run_dir / PREVIEW_DIR / f"{key}.png").resolve())
+            out[i] = str((run_dir / PREVIEW_DIR / f"{key}_{max_side}.png").resolve())
             if not Path(out[i]).exists():
                 todo.append(i)
 
     def write(i: int) -> None:
         try:
-            im = open_upright(paths[i], draft=1 << 16)  # full size: defects are small
+            im = open_upright(paths[i], draft=max_side)
+            im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)  # only ever shrinks
             with atomic_path(out[i]) as tmp:
                 im.save(tmp, format="PNG", compress_level=1)
         except (OSError, ValueError) as exc:

@@ -292,6 +292,12 @@ def test_photos_a_browser_cannot_draw_are_shown_from_8_bit_copies(private_mongo,
     with caplog.at_level(logging.INFO, logger="curate"):
         build_dataset(run_dir, progress=False, force=True)
     assert "(0 written now)" in caplog.text  # the copies are named by content: a rebuild reuses them
+    # copies are shrunk to BridgeConfig.preview_max_side, never enlarged
+    from curate.fiftyone_bridge import BridgeConfig
+
+    small = build_dataset(run_dir, progress=False, config=BridgeConfig(preview_max_side=100))
+    copy = Path(next(s for s in small if s["relpath"] == tif.relative_to(data).as_posix())["preview_filepath"])
+    assert copy.name.endswith("_100.png") and max(Image.open(copy).size) == 100
 
 
 def test_unchanged_inputs_skip_the_build_and_a_changed_file_does_not(built, caplog):
