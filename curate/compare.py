@@ -127,7 +127,6 @@ def _scores(pred: pd.DataFrame, test_files: pd.Index, classes: list[str]) -> dic
         "macro_f1": float(f1_score(y, p, labels=classes, average="macro", zero_division=0)),
         "per_class_f1": {c: float(v) for c, v in zip(classes, f1, strict=True)},
         "confusion": confusion_matrix(y, p, labels=classes).tolist(),
-        "correct": (y == p).to_numpy(),
         "truth": y.tolist(),
         "predicted": p.tolist(),
     }
@@ -310,13 +309,15 @@ def _summarise(runs: list[dict], classes: list[str], test_facts: dict, raw_t: pd
     test_truth = pd.Series(raw_runs[0]["truth"])
     out["test"]["largest_class"] = str(test_truth.value_counts().idxmax())
     out["test"]["largest_class_share"] = float(test_truth.value_counts(normalize=True).max())
+    def correct(mine: list[dict]) -> np.ndarray:  # (seeds, test photos): right or wrong
+        return np.array([np.asarray(r["truth"]) == np.asarray(r["predicted"]) for r in mine])
+
     out["difference"] = paired_difference([r["accuracy"] for r in raw_runs], [r["accuracy"] for r in clean_runs],
-                                          np.array([r["correct"] for r in raw_runs]),
-                                          np.array([r["correct"] for r in clean_runs]))
+                                          correct(raw_runs), correct(clean_runs))
     out["difference_macro_f1"] = paired_macro_f1_difference(
         [r["macro_f1"] for r in raw_runs], [r["macro_f1"] for r in clean_runs], raw_runs[0]["truth"],
         [r["predicted"] for r in raw_runs], [r["predicted"] for r in clean_runs], classes)
-    out["runs"] = [{k: v for k, v in r.items() if k not in ("correct", "truth", "predicted")} for r in runs]
+    out["runs"] = [{k: v for k, v in r.items() if k not in ("truth", "predicted")} for r in runs]
     return json.loads(json.dumps(out, default=_to_builtin))
 
 

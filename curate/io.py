@@ -13,7 +13,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -135,6 +135,14 @@ def sensor_range(pixels: np.ndarray, mode: str) -> float:
     return float(2 ** (bits + bits % 2) - 1)
 
 
+def _scaled_to_8_bits(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """uint8 pixels: `pixels` (any numeric array; NaN and inf as black) scaled by their `sensor_range`."""
+    import numpy as np
+
+    pixels = np.nan_to_num(pixels.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    return np.rint(np.clip(pixels * (255.0 / sensor_range(pixels, mode)), 0, 255)).astype(np.uint8)
+
+
 def is_high_depth_mode(mode: str) -> bool:
     """A manifest `mode` with more than 8 bits per sample (scan writes `RGB;16` for 16-bit colour)."""
     return mode in HIGH_DEPTH_MODES or mode.endswith(";16")
@@ -165,9 +173,7 @@ def decode_deep_colour(data: bytes) -> Image.Image:
         raise OSError("cannot decode this 16-bit colour image (OpenCV)")
     if arr.ndim == 3:
         arr = arr[..., :3][..., ::-1]  # OpenCV's BGR(A) -> RGB; alpha dropped as to_rgb8 drops it
-    pixels = arr.astype(np.float64)
-    scaled = np.rint(np.clip(pixels * (255.0 / sensor_range(pixels, "I;16")), 0, 255)).astype(np.uint8)
-    return Image.fromarray(np.ascontiguousarray(scaled)).convert("RGB")
+    return Image.fromarray(np.ascontiguousarray(_scaled_to_8_bits(arr, "I;16"))).convert("RGB")
 
 
 def to_rgb8(im: Image.Image) -> Image.Image:
@@ -182,12 +188,20 @@ def to_rgb8(im: Image.Image) -> Image.Image:
     if im.mode in HIGH_DEPTH_MODES:
         import numpy as np
 
-        pixels = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        scaled = np.rint(np.clip(pixels * (255.0 / sensor_range(pixels, im.mode)), 0, 255))
-        im = Image.fromarray(scaled.astype(np.uint8), "L")
+        im = Image.fromarray(_scaled_to_8_bits(np.asarray(im), im.mode), "L")
     if im.mode == "P":
         im = im.convert("RGBA")
     return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def decode_rgb8(im: Image.Image, file_bytes: Callable[[], bytes]) -> Image.Image:
+    """An opened, not yet loaded image decoded to 8-bit RGB as every stage sees it: 16-bit colour through
+    `decode_deep_colour` (on `file_bytes()`, read only then), anything else loaded and passed to `to_rgb8`.
+    Stored orientation: callers turn it upright (`upright`, `exif_orientation`)."""
+    if is_deep_colour(im):
+        return decode_deep_colour(file_bytes())
+    im.load()
+    return to_rgb8(im)
 
 
 def exif_orientation(im: Image.Image) -> int:
@@ -216,15 +230,13 @@ def open_upright(path: str | os.PathLike, draft: int) -> Image.Image:
     to their own size."""
     import warnings
 
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     with Image.open(path) as im:
-        if is_deep_colour(im):
-            return upright(decode_deep_colour(Path(path).read_bytes()), exif_orientation(im))
         im.draft("RGB", (draft, draft))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Palette images with Transparency": to_rgb8 goes through RGBA
-            return to_rgb8(ImageOps.exif_transpose(im))
+            return upright(decode_rgb8(im, Path(path).read_bytes), exif_orientation(im))
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -39,13 +39,12 @@ from curate.io import (
     atomic_write_csv,
     atomic_write_json,
     atomic_write_text,
-    decode_deep_colour,
+    decode_rgb8,
     default_run_dir,
     exif_orientation,
     flags_of,
     is_deep_colour,
     run_lock,
-    to_rgb8,
     upright,
 )
 from curate.quality import QualityBounds, data_relative_flags, data_thresholds, image_metrics
@@ -157,12 +156,6 @@ def _fail(row: dict[str, Any], flag: str, reason: str) -> dict[str, Any]:
     return row
 
 
-def _to_working_rgb(im: Image.Image, decode_size: int) -> Image.Image:
-    """The decoded image as 8-bit RGB (`io.to_rgb8`, as the trainer sees it), reduced by a power of two
-    towards `decode_size` if it was not drafted."""
-    return _reduce_towards(to_rgb8(im), decode_size)
-
-
 def _reduce_towards(im: Image.Image, side: int) -> Image.Image:
     """`im` box-reduced by the largest power of two (at most 8) that keeps its shorter side >= `side`."""
     factor = 1
@@ -217,9 +210,8 @@ def scan_bytes(data: bytes, relpath: str, config: ScanConfig) -> dict[str, Any]:
         return _fail(row, "corrupt", f"cannot open image: {exc}{hint}")
 
     with im:
-        deep = is_deep_colour(im)
         row["format"] = im.format or ""
-        row["mode"] = im.mode + (";16" if deep else "")
+        row["mode"] = im.mode + (";16" if is_deep_colour(im) else "")
         width, height = im.size
         row["width"], row["height"] = width, height
         if width * height > config.max_pixels:
@@ -230,11 +222,8 @@ def scan_bytes(data: bytes, relpath: str, config: ScanConfig) -> dict[str, Any]:
                 warnings.simplefilter("ignore")  # e.g. "Palette images with Transparency": handled below
                 if im.format == "JPEG":
                     im.draft("RGB", (config.decode_size, config.decode_size))
-                if deep:
-                    rgb = _reduce_towards(decode_deep_colour(data), config.decode_size)
-                else:
-                    im.load()
-                    rgb = _to_working_rgb(im, config.decode_size)
+                # reduced by a power of two towards decode_size if the decoder did not draft it
+                rgb = _reduce_towards(decode_rgb8(im, lambda: data), config.decode_size)
                 orientation = exif_orientation(im)
         except OSError as exc:
             flag = "truncated" if "truncat" in str(exc).lower() else "corrupt"
