@@ -249,7 +249,8 @@ def run_lock(run_dir: str | os.PathLike, stage: str) -> Iterator[None]:
 
     The lock is an OS-level `flock`, so a killed process releases it automatically. A writer killed
     mid-write (SIGKILL, power loss) leaves its atomic_path temporary file behind; whoever takes the lock
-    next removes them, since no other writer can be at work in the folder.
+    next removes them, since no other writer can be at work in the folder. A holder leaving by an exception
+    (Ctrl-C) removes its own on the way out.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -269,11 +270,21 @@ def run_lock(run_dir: str | os.PathLike, stage: str) -> Iterator[None]:
         f.truncate()
         f.write(f"curate {stage}, pid {os.getpid()}")
         f.flush()
-        for stale in run_dir.rglob(".*.tmp"):  # atomic_path's naming: .<name>.<random>.tmp
-            stale.unlink(missing_ok=True)
-        yield
+        _remove_temporaries(run_dir)
+        try:
+            yield
+        except BaseException:
+            # Interrupted: Ctrl-C can land anywhere, even between atomic_path's mkstemp and its cleanup. Nothing
+            # is being written any more, so no temporary file of ours may stay behind.
+            _remove_temporaries(run_dir)
+            raise
     finally:
         f.close()
+
+
+def _remove_temporaries(run_dir: Path) -> None:
+    for stale in run_dir.rglob(".*.tmp"):  # atomic_path's naming: .<name>.<random>.tmp
+        stale.unlink(missing_ok=True)
 
 
 def default_run_dir(data: str | os.PathLike) -> Path:
