@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -202,8 +203,10 @@ def fold_assignment(labels: np.ndarray, folds: int, seed: int = 0, groups: np.nd
     else:
         splits = StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(
             np.zeros(len(labels)), labels, groups)
-    for k, (_, test) in enumerate(splits):
-        fold[test] = k
+    with warnings.catch_warnings():  # a class smaller than the folds: flag names it in its own warning
+        warnings.filterwarnings("ignore", message="The least populated class")
+        for k, (_, test) in enumerate(splits):
+            fold[test] = k
     return fold
 
 
@@ -231,8 +234,15 @@ def _fingerprint(*parts) -> str:
     return h.hexdigest()[:16]
 
 
-def visual_groups(emb: np.ndarray, labels: np.ndarray, group_size: int, seed: int = 0) -> np.ndarray:
-    """Group id per photo: k-means within each class, about `group_size` photos per group."""
+def visual_groups(emb: np.ndarray, labels: np.ndarray, group_size: int, seed: int = 0,
+                  min_groups: int = 1) -> np.ndarray:
+    """Group id per photo: k-means within each class, about `group_size` photos per group, and at least
+    `min_groups` groups per class (one per photo in a smaller class).
+
+    Pass the number of folds as `min_groups`: a class in fewer groups than folds cannot be spread over every
+    fold, and a class kept whole in one fold (12 photos of a rare defect, group_size 20) is scored by a model
+    that never saw the class, so every one of its photos looks mislabelled.
+    """
     from sklearn.cluster import KMeans
 
     z = emb / (np.linalg.norm(emb, axis=1, keepdims=True) + 1e-8)
@@ -240,7 +250,7 @@ def visual_groups(emb: np.ndarray, labels: np.ndarray, group_size: int, seed: in
     next_id = 0
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
-        k = int(np.clip(round(len(members) / group_size), 1, len(members)))
+        k = int(np.clip(max(round(len(members) / group_size), min_groups), 1, len(members)))
         assign = KMeans(k, n_init=3, random_state=seed).fit_predict(z[members]) if k > 1 else np.zeros(len(members))
         groups[members] = next_id + assign.astype(int)
         next_id += k
@@ -303,7 +313,7 @@ def vit_kfold(run_dir: Path, data_root: Path, manifest: pd.DataFrame, classes: l
     if cfg.group_folds:
         _, common, reused = _cached_fit(cache / f"{name}_all_{base}.npz", images, labels, images, len(classes),
                                         recipe, cfg.seed + 100, progress, cfg.flip_tta)
-        groups = visual_groups(common, labels, cfg.group_size, cfg.seed)
+        groups = visual_groups(common, labels, cfg.group_size, cfg.seed, min_groups=cfg.folds)
         bar(1)
     fold = fold_assignment(labels, cfg.folds, cfg.seed, groups)
     paths = fold_cache_files(run_dir, filepaths, labels, recipe, cfg, fold, excluded, name)

@@ -101,6 +101,19 @@ def test_fold_assignment_is_stratified_and_keeps_groups_together():
         assert len(set(gfold[groups == g])) == 1
 
 
+def test_grouped_folds_train_every_fold_on_some_photos_of_a_rare_class():
+    # 12 photos of a rare defect made one visual group of about 20, so all 12 sat in one fold, scored by a
+    # model that never saw the class: every one of them looked mislabelled
+    labels = np.repeat([0, 1, 2, 3], [200, 180, 12, 2])
+    emb = np.random.default_rng(0).normal(size=(len(labels), 16))
+    groups = embed.visual_groups(emb, labels, group_size=20, min_groups=5)
+    assert len(set(groups[labels == 2])) == 5 and len(set(groups[labels == 3])) == 2
+    assert len(set(groups[labels == 0])) == 10  # a large class is grouped as before
+    fold = embed.fold_assignment(labels, 5, seed=0, groups=groups)
+    for i in range(len(labels)):
+        assert (labels[fold != fold[i]] == labels[i]).any(), f"photo {i} (class {labels[i]}): no training example"
+
+
 def test_vit_kfold_tiny_gives_out_of_fold_scores_and_resumes(small_dataset, tmp_path, monkeypatch):
     from curate.labels import FlagConfig
 
