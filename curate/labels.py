@@ -109,7 +109,9 @@ class FlagConfig:
     outlier_z: float = 3.5  # robust z of the distance to the nearest class centre
     # off_class needs out-of-fold models that agree with the labels beyond chance (one-sided test at this
     # p-value, `beats_chance`); a model at chance makes cleanlab count its guesses (on simulated inspection
-    # shots the cheap features flagged 8 of 40 fine photos). None: flag anyway
+    # shots the cheap features flagged 8 of 40 fine photos), and a photo's class learned beyond chance at the
+    # same p-value (`classes_learned`; 8 of 12 photos of a rare class the ViT never answered were flagged).
+    # None: flag anyway
     chance_p_value: float | None = 0.01
     # never flag more than this share of a run off_class (`curate flag --max-off-class`); on flower_photos
     # cleanlab's estimate is higher still, so this sets the flag's length: a shorter review list with higher
@@ -188,6 +190,25 @@ def beats_chance(labels: np.ndarray, predicted: np.ndarray, p_value: float = 0.0
     correct = float((labels == predicted).sum())
     better = variance > 0 and norm.sf((correct - expected) / np.sqrt(variance)) < p_value
     return correct / n, expected / n, bool(better)
+
+
+def classes_learned(labels: np.ndarray, predicted: np.ndarray, n_classes: int, p_value: float = 0.01) -> np.ndarray:
+    """Per class: whether `predicted` names it for its own photos more often than chance would.
+
+    Chance for class c: answers that ignore the photo name c for a photo of c as often as they name c at all
+    (one-sided exact binomial test at `p_value`). A model trained on a handful of photos of a rare class (8
+    scratches among 570 parts) never answers it, so every photo of that class disagrees with its label, and
+    that disagreement says nothing about the photo. `beats_chance` asks the same of all classes at once.
+    """
+    from scipy.stats import binom
+
+    labels, predicted = np.asarray(labels, dtype=int), np.asarray(predicted, dtype=int)
+    if len(labels) == 0:
+        return np.zeros(n_classes, dtype=bool)
+    answer_share = np.bincount(predicted, minlength=n_classes)[:n_classes] / len(labels)
+    photos = np.bincount(labels, minlength=n_classes)[:n_classes]
+    right = np.bincount(labels[labels == predicted], minlength=n_classes)[:n_classes]
+    return binom.sf(right - 1, photos, answer_share) < p_value
 
 
 def _safe_probs(probs: np.ndarray) -> np.ndarray:
@@ -401,6 +422,7 @@ def score(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, oof_probs:
     p_value = 0.01 if cfg.chance_p_value is None else cfg.chance_p_value
     accuracy, chance, informative = beats_chance(labels, mean_probs.argmax(1), p_value)
     informative = informative or cfg.chance_p_value is None  # None: flag whatever the models know
+    learned = classes_learned(labels, mean_probs.argmax(1), n_classes, p_value) | (cfg.chance_p_value is None)
     if not informative:
         # The models know nothing of the classes, so their disagreement with a label ranks nothing. What is
         # left is how unlike every class a photo looks (a foreign part, an empty fixture): distance to the
@@ -411,10 +433,11 @@ def score(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, oof_probs:
         quality = sure_first(quality, certainty)
     preds = {name: p.argmax(1) for name, p in probs_by_model.items()}
     disagreeing = np.sum([pr != labels for pr in preds.values()], axis=0)
-    return {"label_quality": quality, "lookalike_quality": lookalike, **components, "issues": issues,
-            "mean_probs": mean_probs, "cluster": cluster_id, "clusters": clusters, "preds": preds,
+    return {"labels": labels, "label_quality": quality, "lookalike_quality": lookalike, **components,
+            "issues": issues, "mean_probs": mean_probs, "cluster": cluster_id, "clusters": clusters, "preds": preds,
             "models_disagreeing": disagreeing, "centre_z": centre_z,
-            "chance": {"accuracy": accuracy, "chance_accuracy": chance, "beats_chance": informative}}
+            "chance": {"accuracy": accuracy, "chance_accuracy": chance, "beats_chance": informative,
+                       "classes_learned": learned}}
 
 
 def choose_flags(s: dict, cfg: FlagConfig, max_fraction: float | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -423,16 +446,18 @@ def choose_flags(s: dict, cfg: FlagConfig, max_fraction: float | None = None) ->
     off_class: the n lowest label_quality photos, n = the number of label issues cleanlab estimates
     (capped at `max_fraction` of the photos, default `cfg.max_off_class_fraction`), or none when the
     out-of-fold models agree with the labels no better than chance (`beats_chance`): cleanlab's estimate
-    then counts the models' guesses. outlier: photos whose distance to the nearest class centre is an
-    extreme robust z-score.
+    then counts the models' guesses. Photos of a class the models did not learn (`classes_learned`) are
+    neither counted nor flagged. outlier: photos whose distance to the nearest class centre is an extreme
+    robust z-score.
     """
     quality = s["label_quality"]
     cap = cfg.max_off_class_fraction if max_fraction is None else max_fraction
-    informative = s.get("chance", {}).get("beats_chance", True)
-    n = int(min(s["issues"].sum(), cap * len(quality))) if informative else 0
+    judged = s["chance"]["classes_learned"][s["labels"]]
+    n = int(min((s["issues"] & judged).sum(), cap * len(quality))) if s["chance"]["beats_chance"] else 0
     off = np.zeros(len(quality), dtype=bool)
     if n:
-        off[np.argsort(quality, kind="stable")[:n]] = True
+        order = np.argsort(quality, kind="stable")
+        off[order[judged[order]][:n]] = True
     outlier = s["centre_z"] > cfg.outlier_z
     return off, outlier
 
@@ -469,9 +494,6 @@ def flag(run: str | Path | None, folds: int = 5, embeddings: str | None = None, 
         classes = embed.class_names(good["label"])
         labels = good["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
         counts = np.bincount(labels, minlength=len(classes))
-        if kind == "vit" and counts.min() < folds:
-            raise CurateError(f"{run_dir}: class {classes[int(counts.argmin())]!r} has {counts.min()} readable "
-                              f"photos, fewer than --folds {folds}")
         small = [f"{c!r} ({n})" for c, n in zip(classes, counts, strict=True) if n < MIN_CLASS_PHOTOS]
         if small:
             log.warning("flag: too few readable photos to learn what a class looks like in %s; their photos' "
@@ -517,6 +539,13 @@ def flag(run: str | Path | None, folds: int = 5, embeddings: str | None = None, 
                         "says nothing, so no photo is flagged off_class; label_quality ranks the photos by how "
                         "unlike every class they look (distance to the nearest class centre) instead",
                         rep.name, 100 * s["chance"]["accuracy"], 100 * s["chance"]["chance_accuracy"])
+        elif not s["chance"]["classes_learned"].all():
+            unlearned = [f"{classes[c]!r} ({int((s['mean_probs'][labels == c].argmax(1) == c).sum())} of "
+                         f"{int((labels == c).sum())} photos answered as such)"
+                         for c in np.flatnonzero(~s["chance"]["classes_learned"])]
+            log.warning("flag: the %s model did not learn %s beyond chance: its disagreement with those labels "
+                        "says nothing, so their photos are not flagged off_class (nor left out of the retrain)",
+                        rep.name, ", ".join(unlearned))
         if scene_measures is not None:
             s["scene"] = scene_measures
         _write_outputs(run_dir, df, ok, good, classes, labels, rep, s, off, outlier)

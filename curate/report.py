@@ -509,6 +509,36 @@ def section_duplicates(art: RunArtifacts, thumbs: Thumbnails) -> str:
     return note + legend + "".join(parts) + more
 
 
+def _what_the_models_did_not_learn(m: pd.DataFrame, q: pd.Series) -> str:
+    """Why photos are not flagged whatever their scores: the out-of-fold models (their answers are
+    `suggested_label`) agree with the labels no better than chance, or not for some classes; the flag stage
+    judges the same way (labels.beats_chance, labels.classes_learned)."""
+    if "suggested_label" not in m.columns:
+        return ""
+    from curate.labels import beats_chance, classes_learned
+
+    scored = m[q.notna() & (m["suggested_label"].fillna("") != "")]
+    if not len(scored):
+        return ""
+    classes = sorted(set(scored["label"]) | set(scored["suggested_label"]))
+    truth = scored["label"].map(classes.index).to_numpy()
+    answers = scored["suggested_label"].map(classes.index).to_numpy()
+    accuracy, chance, informative = beats_chance(truth, answers)
+    if not informative:
+        return (f" The models agree with the folder labels on {accuracy:.0%} of the photos, no better "
+                f"than chance ({chance:.0%} for answers that ignore the photo), so their disagreement "
+                "is no evidence (see the flag stage's warning); label_quality ranks the photos by how "
+                "unlike every class they look instead (distance to the nearest class centre).")
+    learned = classes_learned(truth, answers, len(classes))
+    unlearned = [f"<code>{html.escape(c)}</code> (answered for {int(((truth == i) & (answers == i)).sum())} of its "
+                 f"{int((truth == i).sum())} photos)"
+                 for i, c in enumerate(classes) if not learned[i] and (truth == i).any()]
+    if not unlearned:
+        return ""
+    return (f" The models did not learn {', '.join(unlearned)} beyond chance, so those photos are not flagged: "
+            "that a model which never learned a class disagrees with its label says nothing of the photo.")
+
+
 def section_off_class(art: RunArtifacts, thumbs: Thumbnails) -> str:
     if not art.flagged:
         return _missing("Label-quality scores and off-class flags come from the flag stage, which has not run.",
@@ -518,20 +548,9 @@ def section_off_class(art: RunArtifacts, thumbs: Thumbnails) -> str:
     off = m["flags"].map(lambda c: "off_class" in flags_of(c))
     if off.any():
         rows, intro = m[off], f"{int(off.sum())} photos flagged <code>off_class</code>, most suspicious first."
+        intro += _what_the_models_did_not_learn(m, q)
     else:
-        rows, intro = m.head(0), "No photo is flagged <code>off_class</code>."
-        if "suggested_label" in m.columns:
-            from curate.labels import beats_chance
-
-            scored = m[q.notna() & (m["suggested_label"].fillna("") != "")]
-            codes = {c: i for i, c in enumerate(sorted(set(scored["label"]) | set(scored["suggested_label"])))}
-            accuracy, chance, informative = beats_chance(scored["label"].map(codes).to_numpy(),
-                                                         scored["suggested_label"].map(codes).to_numpy())
-            if len(scored) and not informative:
-                intro += (f" The models agree with the folder labels on {accuracy:.0%} of the photos, no better "
-                          f"than chance ({chance:.0%} for answers that ignore the photo), so their disagreement "
-                          "is no evidence (see the flag stage's warning); label_quality ranks the photos by how "
-                          "unlike every class they look instead (distance to the nearest class centre).")
+        rows, intro = m.head(0), "No photo is flagged <code>off_class</code>." + _what_the_models_did_not_learn(m, q)
         lowest = m.assign(_q=q).sort_values("_q").head(20)
         if len(lowest):
             rows, intro = lowest, intro + " The 20 lowest label-quality scores, for a look:"
