@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser("scan", help="hash, decode and check every image; write manifest.csv")
-    p.add_argument("data", metavar="DATA", help="dataset folder: one sub-folder per class")
+    p.add_argument("data", metavar="DATA", help="dataset folder: one sub-folder per class, or train/, val/ "
+                   "and test/ folders each holding one sub-folder per class (the split is kept)")
     p.add_argument("--out", metavar="DIR", help="run folder (default: reports/<dataset name>/)")
     p.add_argument("--workers", type=int, metavar="N", help="worker processes (default: all cores)")
     p.add_argument("--engine", choices=["local", "dask"], default="local",

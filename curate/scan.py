@@ -56,6 +56,12 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", 
 MANIFEST_COLUMNS = ["filepath", "label", "bytes", "sha256", "format", "width", "height", "mode", "phash", "dhash",
                     "blur", "brightness", "contrast", "entropy", "dup_group", "flags", "error"]
 
+# DATA/<split>/<class>/<image>, the layout Keras, Roboflow and MVTec AD use, is read when every top-level folder
+# is named as a split: labels come from the second level, and the manifest's `split` column from the first,
+# which export, train and compare keep. Read as DATA/<class>/<image>, its classes would be "train" and "test".
+SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "dev": "val", "test": "test", "testing": "test"}
+
 ISSUES = ["corrupt", "truncated", "not_image", "exact_duplicate", "near_duplicate", "cross_label_duplicate", "tiny",
           "odd_aspect_ratio", "blurry", "dark", "bright", "low_information", "grayscale"]
 
@@ -276,6 +282,36 @@ def _inside(path: str, root_real: str) -> bool:
     return real == root_real or real.startswith(root_real + os.sep)
 
 
+def is_split_layout(walk: Walk) -> bool:
+    """Whether DATA is laid out as DATA/<split>/<class>/<image>: every top-level folder is named as a split
+    (`SPLIT_FOLDERS`, any case) and some image sits in a folder below one."""
+    tops = {path.split("/", 1)[0] for path, *_ in walk.files}
+    return bool(tops) and all(t.lower() in SPLIT_FOLDERS for t in tops) and any(
+        path.count("/") >= 2 for path, *_ in walk.files)
+
+
+def read_as_split_layout(walk: Walk) -> Walk:
+    """The walk with each image's class at the second level: an image directly in a split folder has no
+    label and is skipped; `classes` are the second-level folders."""
+    files, skipped = [], list(walk.skipped)
+    for item in walk.files:
+        if item[0].count("/") >= 2:
+            files.append(item)
+        else:
+            skipped.append({"path": item[0], "reason": "image directly in a split folder, outside any class "
+                                                       "folder (no label)"})
+    classes = sorted({path.split("/")[1] for path, *_ in files})
+    return dataclasses.replace(walk, files=files, classes=classes, skipped=skipped)
+
+
+def label_by_split_layout(manifest):
+    """Set `label` (second folder) and `split` (first folder, as train/val/test) of a split-layout manifest."""
+    parts = manifest["filepath"].str.split("/", n=2)
+    manifest["label"] = parts.str[1]
+    manifest["split"] = parts.str[0].str.lower().map(SPLIT_FOLDERS)
+    return manifest
+
+
 def walk_data(root: Path) -> Walk:
     """List the images below `root` (class = first-level folder); never follows a link out of `root`.
 
@@ -433,9 +469,11 @@ def _scan_local(root: Path, todo: list[tuple[str, int, int]], config: ScanConfig
 def scan(data: str | os.PathLike, out: str | os.PathLike | None = None, workers: int | None = None,
          engine: str = "local", scheduler: str | None = None, use_cache: bool = True, progress: bool = True,
          config: ScanConfig | None = None):
-    """Scan the dataset `data` (one folder per class) and write the run folder.
+    """Scan the dataset `data` (one folder per class, or one per split holding one per class: `is_split_layout`)
+    and write the run folder.
 
-    Writes `<out>/manifest.csv` (one row per image file, MANIFEST_COLUMNS), `<out>/duplicates.csv`
+    Writes `<out>/manifest.csv` (one row per image file, MANIFEST_COLUMNS, and `split` for a split layout),
+    `<out>/duplicates.csv`
     and `<out>/scan.json` ({"data", "thresholds", "counts", ...}); `out` defaults to
     reports/<dataset name>/. `workers` defaults to all cores. `engine="dask"` runs `scan_file`
     as Dask tasks (on `scheduler` if given). Returns the manifest as a DataFrame.
@@ -469,6 +507,12 @@ def scan(data: str | os.PathLike, out: str | os.PathLike | None = None, workers:
     started = time.perf_counter()
     with run_lock(run_dir, "scan"):
         walk = walk_data(root) if url is None else fsspec_walk(url)
+        split_layout = is_split_layout(walk)
+        if split_layout:
+            walk = read_as_split_layout(walk)
+            log.info("scan: %s is laid out as <split>/<class>/<image>: labels from the class folders, the split "
+                     "(%s) from the folders above them", data,
+                     ", ".join(sorted({p.split("/", 1)[0] for p, *_ in walk.files})))
         for item in walk.skipped:
             log.warning("%s: skipped: %s", item["path"], item["reason"])
         for name in walk.empty_classes:
@@ -498,6 +542,8 @@ def scan(data: str | os.PathLike, out: str | os.PathLike | None = None, workers:
 
         manifest = pd.DataFrame([rows_by_key[k] for k in walk.files], columns=MANIFEST_COLUMNS)
         manifest = manifest.sort_values("filepath", kind="stable").reset_index(drop=True)
+        if split_layout:
+            manifest = label_by_split_layout(manifest)
         for row in manifest.loc[manifest["error"] != "", ["filepath", "error"]].itertuples(index=False):
             log.warning("%s: %s", row.filepath, row.error)
 
@@ -516,6 +562,8 @@ def scan(data: str | os.PathLike, out: str | os.PathLike | None = None, workers:
             "data": url if remote else str(root),
             "files": len(manifest),
             "classes": {c: int(n) for c, n in manifest["label"].value_counts().sort_index().items()},
+            "splits": ({c: int(n) for c, n in manifest["split"].value_counts().sort_index().items()}
+                       if split_layout else None),
             "readable": int((manifest["error"] == "").sum()),
             "flagged": int((manifest["flags"] != "").sum()),
             "counts": counts,

@@ -58,6 +58,38 @@ def test_scan_writes_the_run_folder(small_dataset: Path, tmp_path: Path) -> None
     assert list(dups.columns) == ["dup_group", "kind", "filepath", "label", "distance", "keep"]
 
 
+def test_a_split_layout_is_read_as_split_and_class(tmp_path: Path) -> None:
+    # DATA/<split>/<class>/<image>, as Keras, Roboflow and MVTec AD lay data out: read as one folder per
+    # class, its classes were "Train", "test" and "validation"
+    from curate.export import export
+
+    data = tmp_path / "parts"
+    photos = real_photos(4, ["daisy", "roses"])
+    for i, photo in enumerate(photos):
+        split = ("Train", "Train", "validation", "test")[i % 4]
+        (data / split / photo.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(photo, data / split / photo.parent.name / photo.name)
+    shutil.copyfile(real_photos(5, ["tulips"])[-1], data / "Train" / "loose.jpg")
+    m = scan(data, out=tmp_path / "run", progress=False, use_cache=False)
+    assert sorted(set(m["label"])) == ["daisy", "roses"] and len(m) == 8
+    assert (m["split"] == m["filepath"].str.split("/").str[0].map(
+        {"Train": "train", "validation": "val", "test": "test"})).all()
+    summary = json.loads((tmp_path / "run" / "scan.json").read_text())
+    assert summary["classes"] == {"daisy": 4, "roses": 4} and summary["splits"] == {"test": 2, "train": 4, "val": 2}
+    assert summary["skipped"] == [{"path": "Train/loose.jpg", "reason": "image directly in a split folder, outside "
+                                                                         "any class folder (no label)"}]
+    export(tmp_path / "run")  # the cleaned manifest keeps the dataset's own splits
+    cleaned = pd.read_csv(tmp_path / "run" / "cleaned.csv")
+    pd.testing.assert_series_equal(cleaned.set_index("filepath")["split"],
+                                   m.set_index("filepath").loc[cleaned["filepath"], "split"])
+
+    # a class that happens to be called "train", beside other classes, is a class
+    shutil.copytree(data / "Train" / "daisy", tmp_path / "flat" / "train")
+    shutil.copytree(data / "Train" / "roses", tmp_path / "flat" / "roses")
+    flat = scan(tmp_path / "flat", out=tmp_path / "flat_run", progress=False, use_cache=False)
+    assert sorted(set(flat["label"])) == ["roses", "train"] and "split" not in flat.columns
+
+
 def test_a_manifest_read_and_written_again_keeps_every_value(small_dataset: Path, tmp_path: Path) -> None:
     # every later stage reads the manifest and writes it back: no measure may drift on the way
     out = tmp_path / "run"
