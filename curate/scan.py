@@ -544,6 +544,13 @@ def scan(data: str | os.PathLike, out: str | os.PathLike | None = None, workers:
         manifest = manifest.sort_values("filepath", kind="stable").reset_index(drop=True)
         if split_layout:
             manifest = label_by_split_layout(manifest)
+            from train.data import classes_never_trained
+
+            never = classes_never_trained(manifest)
+            if never:
+                log.warning("%s: no photo of %s in a train folder: a model trained on this split cannot learn "
+                            "%s (curate compare trains on it)", data, ", ".join(never),
+                            "it" if len(never) == 1 else "them")
         for row in manifest.loc[manifest["error"] != "", ["filepath", "error"]].itertuples(index=False):
             log.warning("%s: %s", row.filepath, row.error)
 

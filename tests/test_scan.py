@@ -58,7 +58,7 @@ def test_scan_writes_the_run_folder(small_dataset: Path, tmp_path: Path) -> None
     assert list(dups.columns) == ["dup_group", "kind", "filepath", "label", "distance", "keep"]
 
 
-def test_a_split_layout_is_read_as_split_and_class(tmp_path: Path) -> None:
+def test_a_split_layout_is_read_as_split_and_class(tmp_path: Path, caplog) -> None:
     # DATA/<split>/<class>/<image>, as Keras, Roboflow and MVTec AD lay data out: read as one folder per
     # class, its classes were "Train", "test" and "validation"
     from curate.export import export
@@ -88,6 +88,12 @@ def test_a_split_layout_is_read_as_split_and_class(tmp_path: Path) -> None:
     shutil.copytree(data / "Train" / "roses", tmp_path / "flat" / "roses")
     flat = scan(tmp_path / "flat", out=tmp_path / "flat_run", progress=False, use_cache=False)
     assert sorted(set(flat["label"])) == ["roses", "train"] and "split" not in flat.columns
+
+    # MVTec AD's layout: defects only in test/, which a model trained on this split cannot learn
+    shutil.rmtree(data / "Train" / "roses")
+    with caplog.at_level("WARNING", logger="curate.scan"):
+        scan(data, out=tmp_path / "run", progress=False)
+    assert any("no photo of roses in a train folder" in r.getMessage() for r in caplog.records)
 
 
 def test_a_manifest_read_and_written_again_keeps_every_value(small_dataset: Path, tmp_path: Path) -> None:

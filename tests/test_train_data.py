@@ -171,3 +171,11 @@ def test_stratified_sample_keeps_class_proportions():
     s = tdata.stratified_sample(df, 30, seed=0)
     assert s["label"].value_counts().to_dict() == {"a": 20, "b": 9, "c": 2}
     assert s.equals(tdata.stratified_sample(df, 30, seed=0))
+
+
+def test_classes_never_trained_are_those_whose_every_photo_is_in_val_or_test():
+    df = pd.DataFrame({"filepath": [f"{i}.jpg" for i in range(7)],
+                       "label": ["good", "good", "good", "scratch", "scratch", "dent", "dent"],
+                       "split": ["train", "val", "test", "test", "val", "test", ""]})
+    assert tdata.classes_never_trained(df) == ["scratch"]  # a dent without a split will get one for training
+    assert tdata.classes_never_trained(df.drop(columns="split")) == []

@@ -114,6 +114,15 @@ def assign_splits(df: pd.DataFrame, seed: int = 0, fractions: Sequence[float] = 
     return out
 
 
+def classes_never_trained(df: pd.DataFrame) -> list[str]:
+    """Classes with photos but none that training may use: every photo sits in a val or test split the
+    dataset set (MVTec AD's defects are in test/ only). A model trained on that split cannot learn them.
+    Rows without a split count as trainable (assign_splits gives each class training photos)."""
+    split = df["split"].fillna("").astype(str).str.strip() if "split" in df.columns else pd.Series("", df.index)
+    labels = df["label"].astype(str)
+    return sorted(set(labels) - set(labels[split.isin(("", "train"))]))
+
+
 def stratified_sample(df: pd.DataFrame, n: int, seed: int = 0) -> pd.DataFrame:
     """About `n` rows keeping class proportions (at least 2 per class); deterministic for a seed."""
     if n >= len(df):

@@ -261,6 +261,10 @@ def train(manifest: str | os.PathLike, data: str | os.PathLike, out: str | os.Pa
         idx = {s: np.flatnonzero(df_ok["split"].to_numpy() == s) for s in tdata.SPLITS}
         if len(idx["train"]) == 0:
             raise CurateError(f"{manifest}: no training rows after splitting")
+        never = tdata.classes_never_trained(df_ok)
+        if never:
+            log.warning("%s: no training photo of %s (all in val/test): the model cannot learn %s", manifest,
+                        ", ".join(never), "it" if len(never) == 1 else "them")
         log.info("training %s on %d images (%d val, %d test), %d classes; %d unreadable skipped",
                  p.name, len(idx["train"]), len(idx["val"]), len(idx["test"]), len(classes), len(skipped))
 
