@@ -349,7 +349,7 @@ def build_dataset(run: str | os.PathLike | None, config: BridgeConfig | None = N
 
 
 def _fields(fo, dataset, run_dir: Path, manifest: pd.DataFrame, paths: list[str],
-            preview_max_side: int = 2048) -> dict[str, tuple[str | None, list]]:
+            preview_max_side: int) -> dict[str, tuple[str | None, list]]:
     """Every sample field to write: name -> (declared kind or None for labels/metadata/tags, values in row order)."""
     n = len(manifest)
     fields: dict[str, tuple[str | None, list]] = {"relpath": ("str", manifest["filepath"].tolist())}
@@ -405,7 +405,7 @@ def _fields(fo, dataset, run_dir: Path, manifest: pd.DataFrame, paths: list[str]
 
 
 def _browser_copies(run_dir: Path, manifest: pd.DataFrame, paths: list[str],
-                    max_side: int = 2048) -> list[str] | None:
+                    max_side: int) -> list[str] | None:
     """Per sample, the file the App should draw: the photo itself, or for a format or bit depth browsers do not
     draw (see BROWSER_EXTENSIONS), an 8-bit PNG copy under `<run>/app_media/` (as the trainer sees it, `to_rgb8`;
     longest side at most `max_side`; named by content and size, so a rebuild reuses it). None when every photo

@@ -206,9 +206,16 @@ def classes_learned(labels: np.ndarray, predicted: np.ndarray, n_classes: int, p
     if len(labels) == 0:
         return np.zeros(n_classes, dtype=bool)
     answer_share = np.bincount(predicted, minlength=n_classes)[:n_classes] / len(labels)
+    right, photos = answered_own_class(labels, predicted, n_classes)
+    return binom.sf(right - 1, photos, answer_share) < p_value
+
+
+def answered_own_class(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class: (photos of it that `predicted` names it for, photos of it)."""
+    labels, predicted = np.asarray(labels, dtype=int), np.asarray(predicted, dtype=int)
     photos = np.bincount(labels, minlength=n_classes)[:n_classes]
     right = np.bincount(labels[labels == predicted], minlength=n_classes)[:n_classes]
-    return binom.sf(right - 1, photos, answer_share) < p_value
+    return right, photos
 
 
 def _safe_probs(probs: np.ndarray) -> np.ndarray:
@@ -420,9 +427,10 @@ def score(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, oof_probs:
     else:
         lookalike, quality = own, own
     p_value = 0.01 if cfg.chance_p_value is None else cfg.chance_p_value
-    accuracy, chance, informative = beats_chance(labels, mean_probs.argmax(1), p_value)
+    answers = mean_probs.argmax(1)
+    accuracy, chance, informative = beats_chance(labels, answers, p_value)
     informative = informative or cfg.chance_p_value is None  # None: flag whatever the models know
-    learned = classes_learned(labels, mean_probs.argmax(1), n_classes, p_value) | (cfg.chance_p_value is None)
+    learned = classes_learned(labels, answers, n_classes, p_value) | (cfg.chance_p_value is None)
     if not informative:
         # The models know nothing of the classes, so their disagreement with a label ranks nothing. What is
         # left is how unlike every class a photo looks (a foreign part, an empty fixture): distance to the
@@ -540,8 +548,8 @@ def flag(run: str | Path | None, folds: int = 5, embeddings: str | None = None, 
                         "unlike every class they look (distance to the nearest class centre) instead",
                         rep.name, 100 * s["chance"]["accuracy"], 100 * s["chance"]["chance_accuracy"])
         elif not s["chance"]["classes_learned"].all():
-            unlearned = [f"{classes[c]!r} ({int((s['mean_probs'][labels == c].argmax(1) == c).sum())} of "
-                         f"{int((labels == c).sum())} photos answered as such)"
+            right, photos = answered_own_class(labels, s["mean_probs"].argmax(1), len(classes))
+            unlearned = [f"{classes[c]!r} ({right[c]} of {photos[c]} photos answered as such)"
                          for c in np.flatnonzero(~s["chance"]["classes_learned"])]
             log.warning("flag: the %s model did not learn %s beyond chance: its disagreement with those labels "
                         "says nothing, so their photos are not flagged off_class (nor left out of the retrain)",

@@ -515,7 +515,7 @@ def _what_the_models_did_not_learn(m: pd.DataFrame, q: pd.Series) -> str:
     judges the same way (labels.beats_chance, labels.classes_learned)."""
     if "suggested_label" not in m.columns:
         return ""
-    from curate.labels import beats_chance, classes_learned
+    from curate.labels import answered_own_class, beats_chance, classes_learned
 
     scored = m[q.notna() & (m["suggested_label"].fillna("") != "")]
     if not len(scored):
@@ -530,9 +530,9 @@ def _what_the_models_did_not_learn(m: pd.DataFrame, q: pd.Series) -> str:
                 "is no evidence (see the flag stage's warning); label_quality ranks the photos by how "
                 "unlike every class they look instead (distance to the nearest class centre).")
     learned = classes_learned(truth, answers, len(classes))
-    unlearned = [f"<code>{html.escape(c)}</code> (answered for {int(((truth == i) & (answers == i)).sum())} of its "
-                 f"{int((truth == i).sum())} photos)"
-                 for i, c in enumerate(classes) if not learned[i] and (truth == i).any()]
+    right, photos = answered_own_class(truth, answers, len(classes))
+    unlearned = [f"<code>{html.escape(c)}</code> (answered for {right[i]} of its {photos[i]} photos)"
+                 for i, c in enumerate(classes) if not learned[i] and photos[i]]
     if not unlearned:
         return ""
     return (f" The models did not learn {', '.join(unlearned)} beyond chance, so those photos are not flagged: "
