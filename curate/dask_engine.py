@@ -28,8 +28,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from curate.io import CurateError, atomic_path
-from curate.scan import IMAGE_EXTENSIONS, MANIFEST_COLUMNS, ScanConfig, Walk, scan_bytes, scan_file, unreadable_row
+from curate.io import IMAGE_EXTENSIONS, CurateError, atomic_path
+from curate.scan import MANIFEST_COLUMNS, ScanConfig, Walk, scan_bytes, scan_file, unreadable_row
 
 log = logging.getLogger("curate.dask_engine")
 

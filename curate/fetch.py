@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from curate.io import CurateError
+from curate.io import IMAGE_EXTENSIONS, CurateError
 
 log = logging.getLogger("curate.fetch")
 
@@ -28,7 +28,6 @@ FLOWERS_BYTES = 228_813_984
 FLOWERS_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"
 
 _OFFICIAL_URL = FLOWERS_URL  # the archive the size/sha256 belong to (FLOWERS_URL may be patched in tests)
-_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def has_dataset(folder: Path) -> bool:
@@ -37,7 +36,7 @@ def has_dataset(folder: Path) -> bool:
         return False
     for sub in folder.iterdir():
         if sub.is_dir() and not sub.name.startswith("."):
-            if any(p.suffix.lower() in _IMAGE_EXTENSIONS for p in sub.iterdir() if p.is_file()):
+            if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in sub.iterdir() if p.is_file()):
                 return True
     return False
 

@@ -23,6 +23,8 @@ if TYPE_CHECKING:  # numpy/pandas are imported where used: every `curate` proces
     from PIL import Image
 
 REPORTS_DIR = Path("reports")
+# the files scan, fetch and predict take for images (by extension, any case)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
 class CurateError(Exception):

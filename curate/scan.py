@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from curate.io import (
+    IMAGE_EXTENSIONS,
     CurateError,
     atomic_write_csv,
     atomic_write_json,
@@ -50,8 +51,6 @@ from curate.io import (
 from curate.quality import QualityBounds, data_relative_flags, data_thresholds, image_metrics
 
 log = logging.getLogger("curate.scan")
-
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 MANIFEST_COLUMNS = ["filepath", "label", "bytes", "sha256", "format", "width", "height", "mode", "phash", "dhash",
                     "blur", "brightness", "contrast", "entropy", "dup_group", "flags", "error"]
