@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="print the predicted class and probabilities of images")
     p.add_argument("model", metavar="MODEL", help="a .keras model written by `curate train`")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="an image file, or a folder: every image under it (sorted; hidden files left out). "
+                        "One line per image on stdout: path, predicted class, each class's probability")
     _add_common(p)
 
     p = sub.add_parser("compare", help="train on raw and cleaned manifests; compare on the same test photos")

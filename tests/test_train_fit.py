@@ -10,6 +10,7 @@ import pytest
 
 from curate.cli import main
 from train import data as tdata
+from train.fit import predict_images
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -63,6 +64,25 @@ def test_train_writes_every_output_and_predict_reads_the_model(small_dataset, tm
     line = capsys.readouterr().out.strip()
     assert line.split("\t")[0] == str(photo)
     assert line.split("\t")[1] == preds.set_index("filepath").loc[test_rows["filepath"].iloc[0], "predicted"]
+
+    # a folder stands for every image under it, sorted; hidden files and files of other kinds are left out
+    (small_dataset / "daisy" / ".hidden.jpg").write_bytes(photo.read_bytes())
+    (small_dataset / "daisy" / "notes.txt").write_text("not a photo")
+    (small_dataset / "empty").mkdir()
+    assert main(["-q", "predict", str(out / "model.keras"), str(small_dataset), str(small_dataset / "empty")]) == 0
+    folder_lines = capsys.readouterr().out.splitlines()
+    photos = sorted(str(p) for p in small_dataset.glob("*/[!.]*.jpg"))
+    assert [ln.split("\t")[0] for ln in folder_lines] == photos + [str(small_dataset / "empty")]
+    assert folder_lines[-1].split("\t")[1:] == ["ERROR", "no image files in this folder"]
+    by_path = {ln.split("\t")[0]: ln.split("\t")[1:] for ln in folder_lines}
+    assert by_path[str(photo)][0] == line.split("\t")[1]
+    # predicted a few at a time (memory stays flat on a big folder), the answers are the same
+    def probabilities(lines: list[str]) -> np.ndarray:
+        return np.array([[float(kv.split("=")[1]) for kv in ln.split("\t")[2].split()] for ln in lines])
+
+    few = list(predict_images(out / "model.keras", [str(small_dataset)], batch_size=4))
+    assert [ln.split("\t")[0] for ln in few] == photos
+    np.testing.assert_allclose(probabilities(few), probabilities(folder_lines[:-1]), atol=2e-3)
 
 
 def test_existing_split_is_respected_and_other_values_are_ignored(small_dataset, tmp_path):

@@ -12,18 +12,29 @@ validation epoch), classes.json, log.csv, history.png, metrics.json, predictions
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
 import platform
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from curate.io import CurateError, atomic_path, atomic_write_csv, atomic_write_json, read_json, read_manifest, run_lock
+from curate.io import (
+    IMAGE_EXTENSIONS,
+    CurateError,
+    atomic_path,
+    atomic_write_csv,
+    atomic_write_json,
+    read_json,
+    read_manifest,
+    run_lock,
+)
 from train import data as tdata
 from train.presets import Preset, get_preset
 
@@ -346,25 +357,58 @@ def load_model(model_path: str | os.PathLike):
         raise CurateError(f"{path}: not a loadable Keras model ({type(exc).__name__}: {exc})") from None
 
 
-def predict_images(model_path: str | os.PathLike, images: list[str]) -> list[str]:
-    """One line per image: `path<TAB>predicted class<TAB>class=probability ...` (classes from classes.json
-    beside the model; class indices if it is missing). Unreadable images get a warning and an ERROR line."""
+PREDICT_BATCH = 256  # images decoded and predicted at a time: memory stays flat for a folder of any size
+
+
+def images_in(folder: str | os.PathLike) -> list[str]:
+    """Every image file (by extension, as scan takes them) anywhere under `folder`, sorted; hidden files and
+    folders are left out and linked folders are not followed, as in scan."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [os.path.join(dirpath, f) for f in filenames
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    return sorted(found)
+
+
+def predict_images(model_path: str | os.PathLike, images: Sequence[str],
+                   batch_size: int = PREDICT_BATCH) -> Iterator[str]:
+    """One line per image, in order, as each batch is predicted: `path<TAB>predicted class<TAB>class=probability
+    ...` (classes from classes.json beside the model; class indices if it is missing). A folder stands for
+    every image under it (`images_in`). An unreadable image, or a folder without images, gets a warning and
+    an ERROR line."""
     model = load_model(model_path)
     size = int(model.input_shape[1])
     meta = Path(model_path).with_name("classes.json")
     n_out = int(model.output_shape[-1])
     classes = read_json(meta)["classes"] if meta.exists() else [str(i) for i in range(n_out)]
-    lines, batch, where = [""] * len(images), [], []
-    for i, img in enumerate(images):
-        try:
-            batch.append(tdata.decode_image(img, size))
-            where.append(i)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("skipping unreadable image %s (%s)", img, exc)
-            lines[i] = f"{img}\tERROR\tunreadable ({type(exc).__name__})"
-    if batch:
-        probs = np.asarray(model.predict(np.stack(batch), verbose=0))
-        for i, pr in zip(where, probs, strict=True):
-            ranked = " ".join(f"{c}={pr[j]:.3f}" for j, c in enumerate(classes))
-            lines[i] = f"{images[i]}\t{classes[int(pr.argmax())]}\t{ranked}"
-    return lines
+
+    def files() -> Iterator[str]:
+        for path in images:
+            if not os.path.isdir(path):
+                yield path
+            elif found := images_in(path):
+                yield from found
+            else:
+                yield path  # decoding a folder fails: its ERROR line says so
+
+    pending = files()
+    while chunk := list(itertools.islice(pending, batch_size)):
+        lines, batch, where = [""] * len(chunk), [], []
+        for i, img in enumerate(chunk):
+            if os.path.isdir(img):
+                log.warning("%s: no image files in this folder (%s)", img, ", ".join(sorted(IMAGE_EXTENSIONS)))
+                lines[i] = f"{img}\tERROR\tno image files in this folder"
+                continue
+            try:
+                batch.append(tdata.decode_image(img, size))
+                where.append(i)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("skipping unreadable image %s (%s)", img, exc)
+                lines[i] = f"{img}\tERROR\tunreadable ({type(exc).__name__})"
+        if batch:
+            probs = np.asarray(model.predict(np.stack(batch), verbose=0))
+            for i, pr in zip(where, probs, strict=True):
+                ranked = " ".join(f"{c}={pr[j]:.3f}" for j, c in enumerate(classes))
+                lines[i] = f"{chunk[i]}\t{classes[int(pr.argmax())]}\t{ranked}"
+        yield from lines
