@@ -20,6 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -27,6 +28,9 @@ from PIL import Image
 
 from curate.io import DECODE_VERSION, CurateError, atomic_save_npy, atomic_write_text, open_upright, safe_relpath
 from train.presets import FLAG, Preset
+
+if TYPE_CHECKING:  # curate.labels imports this module
+    from curate.labels import FlagConfig
 
 log = logging.getLogger("curate.embed")
 
@@ -175,8 +179,8 @@ def class_names(labels: pd.Series) -> list[str]:
 
 # ---------------------------------------------------------------- the one entry point
 
-def represent(kind: str, run_dir: Path, data_root: Path, manifest: pd.DataFrame, classes: list[str], cfg,
-              progress: bool = False) -> Representation:
+def represent(kind: str, run_dir: Path, data_root: Path, manifest: pd.DataFrame, classes: list[str],
+              cfg: FlagConfig, progress: bool = False) -> Representation:
     """The representation `kind` ('features', 'vit' or 'keras:<Name>') of the manifest's rows, in order."""
     filepaths = manifest["filepath"].astype(str).tolist()
     if kind == "features":
@@ -275,7 +279,7 @@ def _inputs_fingerprint(filepaths: list[str], labels: np.ndarray, recipe: Preset
     return _fingerprint(np.array(filepaths, dtype="U"), labels, recipe, cfg.flip_tta, cfg.seed)
 
 
-def fold_cache_files(run_dir: Path, filepaths: list[str], labels: np.ndarray, recipe: Preset, cfg,
+def fold_cache_files(run_dir: Path, filepaths: list[str], labels: np.ndarray, recipe: Preset, cfg: FlagConfig,
                      fold: np.ndarray, exclude: np.ndarray | None = None, name: str = "vit") -> list[Path]:
     """Where `vit_kfold` saves each fold model's predictions: named by a fingerprint of the files, labels,
     recipe, seed, fold assignment and (when any) the excluded photos, so other inputs never reuse them."""
@@ -284,7 +288,7 @@ def fold_cache_files(run_dir: Path, filepaths: list[str], labels: np.ndarray, re
     return [Path(run_dir) / "cache" / f"{name}_fold{k}of{cfg.folds}_{tag}.npz" for k in range(cfg.folds)]
 
 
-def vit_kfold(run_dir: Path, data_root: Path, manifest: pd.DataFrame, classes: list[str], cfg,
+def vit_kfold(run_dir: Path, data_root: Path, manifest: pd.DataFrame, classes: list[str], cfg: FlagConfig,
               progress: bool = False, recipe: Preset | None = None, name: str = "vit",
               exclude: np.ndarray | None = None) -> Representation:
     """Out-of-fold probabilities and class-token embeddings of the own ViT, trained `cfg.folds` times.

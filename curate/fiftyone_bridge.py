@@ -24,7 +24,7 @@ import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -44,6 +44,9 @@ from curate.io import (
     safe_relpath,
     suspicious_clusters_first,
 )
+
+if TYPE_CHECKING:  # fiftyone is imported where used (`_fiftyone`), with our settings, and takes seconds
+    import fiftyone as fo
 
 log = logging.getLogger("curate.fiftyone")
 
@@ -284,7 +287,7 @@ def _up_to_date(fo, run_dir: Path, name: str, fingerprint: dict):
 
 
 def build_dataset(run: str | os.PathLike | None, config: BridgeConfig | None = None, progress: bool | None = None,
-                  force: bool = False):
+                  force: bool = False) -> fo.Dataset:
     """Create or update the run's persistent FiftyOne dataset; return it (a `fiftyone.Dataset`).
 
     One sample per manifest row (absolute filepath; `relpath` = the manifest's filepath):

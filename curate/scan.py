@@ -29,7 +29,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -49,6 +49,9 @@ from curate.io import (
     upright,
 )
 from curate.quality import QualityBounds, data_relative_flags, data_thresholds, image_metrics
+
+if TYPE_CHECKING:  # pandas is imported where used: a worker process needs none of it
+    import pandas as pd
 
 log = logging.getLogger("curate.scan")
 
@@ -303,7 +306,7 @@ def read_as_split_layout(walk: Walk) -> Walk:
     return dataclasses.replace(walk, files=files, classes=classes, skipped=skipped)
 
 
-def label_by_split_layout(manifest):
+def label_by_split_layout(manifest: pd.DataFrame) -> pd.DataFrame:
     """Set `label` (second folder) and `split` (first folder, as train/val/test) of a split-layout manifest."""
     parts = manifest["filepath"].str.split("/", n=2)
     manifest["label"] = parts.str[1]
@@ -467,7 +470,7 @@ def _scan_local(root: Path, todo: list[tuple[str, int, int]], config: ScanConfig
 
 def scan(data: str | os.PathLike, out: str | os.PathLike | None = None, workers: int | None = None,
          engine: str = "local", scheduler: str | None = None, use_cache: bool = True, progress: bool = True,
-         config: ScanConfig | None = None):
+         config: ScanConfig | None = None) -> pd.DataFrame:
     """Scan the dataset `data` (one folder per class, or one per split holding one per class: `is_split_layout`)
     and write the run folder.
 
@@ -609,7 +612,8 @@ def scan(data: str | os.PathLike, out: str | os.PathLike | None = None, workers:
     return manifest
 
 
-def group_duplicates(manifest, config: ScanConfig):
+def group_duplicates(manifest: pd.DataFrame, config: ScanConfig
+                     ) -> tuple[pd.Series, pd.DataFrame, dict[str, np.ndarray], float, bool]:
     """`duplicates.find_duplicates` at `config.near_distance`, or of byte-identical copies only when more than
     `config.max_near_share` of the readable images (and at least MIN_NEAR_FOR_UNGROUPING) would be near
     duplicates. Returns (dup_group, duplicates table, flags, near-duplicate share, whether near ones were grouped)."""

@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -37,6 +38,9 @@ from curate.io import (
 )
 from train import data as tdata
 from train.presets import Preset, get_preset
+
+if TYPE_CHECKING:  # keras is imported where used (`_keras`): importing it takes seconds
+    import keras
 
 log = logging.getLogger("curate.train")
 
@@ -116,7 +120,8 @@ def _optimizer(p: Preset, steps_per_epoch: int, epochs: int):
     return opt
 
 
-def compile_model(model, p: Preset, steps_per_epoch: int, epochs: int, steps_per_execution: int = 8):
+def compile_model(model: keras.Model, p: Preset, steps_per_epoch: int, epochs: int,
+                  steps_per_execution: int = 8) -> keras.Model:
     """Compile with the preset's optimiser, schedule, loss (label smoothing) and an `acc` metric.
 
     steps_per_execution runs several train steps per compiled call, so Python's per-step overhead does not
@@ -133,7 +138,7 @@ def compile_model(model, p: Preset, steps_per_epoch: int, epochs: int, steps_per
 def fit_arrays(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | None = None,
                y_val: np.ndarray | None = None, preset: str | Preset = "cpu", seed: int = 0,
                epochs: int | None = None, progress: bool = False, num_classes: int | None = None,
-               callbacks: list | None = None):
+               callbacks: list | None = None) -> keras.Model:
     """Train a fresh ViT of `preset` on uint8 images and int labels; return it with the best-val weights.
 
     x_*: uint8 (N, S, S, 3) with S = the preset's image_size; y_*: int class indices. `num_classes`
@@ -178,7 +183,7 @@ def fit_arrays(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | Non
     return model
 
 
-def predict_arrays(model, x: np.ndarray, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+def predict_arrays(model: keras.Model, x: np.ndarray, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """(class probabilities (N, classes), class-token embeddings (N, width)) of uint8 images `x`."""
     from train.model import embedding_model
 
@@ -345,7 +350,7 @@ def _classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: lis
 # ---------------------------------------------------------------- curate predict
 
 
-def load_model(model_path: str | os.PathLike):
+def load_model(model_path: str | os.PathLike) -> keras.Model:
     """Load a .keras model written by `curate train` (custom layers registered)."""
     keras = _keras()
     path = Path(model_path)
