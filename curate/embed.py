@@ -137,7 +137,7 @@ def keras_application(name: str, images: np.ndarray, weights: str | None = "imag
     `weights=None` builds the same network untrained: only for testing the plumbing.
     Raises CurateError when the name is unknown or the ImageNet weights are neither cached nor downloadable.
     """
-    import keras
+    from train.backend import keras
 
     fn = getattr(keras.applications, name, None)
     if fn is None or not callable(fn):
@@ -164,7 +164,7 @@ def keras_application(name: str, images: np.ndarray, weights: str | None = "imag
 
 def _application_module(name: str):
     """The keras.applications submodule that holds `name`'s preprocess_input."""
-    import keras
+    from train.backend import keras
 
     for mod_name in dir(keras.applications):
         mod = getattr(keras.applications, mod_name)

@@ -94,6 +94,19 @@ def test_quiet_silences_progress_and_verbose_shows_only_curates_own_lines(tmp_pa
     assert "findfont" not in loud and "matplotlib" not in loud and "STREAM" not in loud, loud[:500]
 
 
+def test_quiet_training_and_prediction_leave_stderr_empty(tmp_path):
+    """TensorFlow writes start-up lines (oneDNN, CUDA, "failed call to cuInit" without a GPU) to stderr before
+    its logging is set up; with -q a successful train and predict print nothing there at all."""
+    data = make_dataset(tmp_path / "flowers", per_class=6, classes=["daisy", "roses", "tulips"])
+    assert curate("scan", str(data), "--out", str(tmp_path / "run"), "-q").returncode == 0
+    trained = curate("train", "--manifest", str(tmp_path / "run" / "manifest.csv"), "--data", str(data),
+                     "--out", str(tmp_path / "model"), "--preset", "tiny", "--epochs", "1", "-q")
+    assert (trained.returncode, trained.stderr) == (0, ""), trained.stderr[:2000]
+    predicted = curate("predict", str(tmp_path / "model" / "model.keras"), str(data / "roses"), "-q")
+    assert (predicted.returncode, predicted.stderr) == (0, ""), predicted.stderr[:2000]
+    assert len(predicted.stdout.splitlines()) == 6
+
+
 @pytest.mark.parametrize("cmd", ["flag", "export", "report", "preview", "review-status"])
 def test_a_missing_run_folder_is_an_input_error_for_every_stage(cmd, tmp_path):
     rc, out, err = run_cli([cmd, "--run", str(tmp_path / "nowhere"), "-q"])

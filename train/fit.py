@@ -46,10 +46,8 @@ log = logging.getLogger("curate.train")
 
 
 def _keras():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
-
     import train.model  # noqa: F401 -- registers the custom layers for load_model
+    from train.backend import keras
 
     return keras
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 
-import keras
-from keras import layers, ops
-
+from train.backend import keras  # first: keras imported without TensorFlow's start-up lines
 from train.presets import ViTConfig
+
+layers, ops = keras.layers, keras.ops
 
 PACKAGE = "curate_train"
 
