@@ -279,10 +279,10 @@ def train(manifest: str | os.PathLike, data: str | os.PathLike, out: str | os.Pa
         if never:
             log.warning("%s: no training photo of %s (all in val/test): the model cannot learn %s", manifest,
                         ", ".join(never), "it" if len(never) == 1 else "them")
-        log.info("training %s on %d images (%d val, %d test), %d classes; %d unreadable skipped",
-                 p.name, len(idx["train"]), len(idx["val"]), len(idx["test"]), len(classes), len(skipped))
-
         keras = _keras()
+        # said here because TensorFlow's own device notices are held back (train/backend.py)
+        log.info("training %s on %d images (%d val, %d test), %d classes; %d unreadable skipped; on %s",
+                 p.name, len(idx["train"]), len(idx["val"]), len(idx["test"]), len(classes), len(skipped), _device())
         ckpt = out / ".checkpoint.keras"
         monitor = p.checkpoint_monitor if len(idx["val"]) else p.checkpoint_monitor.removeprefix("val_")
         callbacks = [
