@@ -386,22 +386,22 @@ def predict_images(model_path: str | os.PathLike, images: Sequence[str],
     n_out = int(model.output_shape[-1])
     classes = read_json(meta)["classes"] if meta.exists() else [str(i) for i in range(n_out)]
 
-    def files() -> Iterator[str]:
+    def files() -> Iterator[tuple[str, str | None]]:  # (path, why it cannot be predicted)
         for path in images:
             if not os.path.isdir(path):
-                yield path
+                yield path, None
             elif found := images_in(path):
-                yield from found
+                yield from ((f, None) for f in found)
             else:
-                yield path  # decoding a folder fails: its ERROR line says so
+                log.warning("%s: no image files in this folder (%s)", path, ", ".join(sorted(IMAGE_EXTENSIONS)))
+                yield path, "no image files in this folder"
 
     pending = files()
     while chunk := list(itertools.islice(pending, batch_size)):
         lines, batch, where = [""] * len(chunk), [], []
-        for i, img in enumerate(chunk):
-            if os.path.isdir(img):
-                log.warning("%s: no image files in this folder (%s)", img, ", ".join(sorted(IMAGE_EXTENSIONS)))
-                lines[i] = f"{img}\tERROR\tno image files in this folder"
+        for i, (img, problem) in enumerate(chunk):
+            if problem:
+                lines[i] = f"{img}\tERROR\t{problem}"
                 continue
             try:
                 batch.append(tdata.decode_image(img, size))
@@ -413,5 +413,5 @@ def predict_images(model_path: str | os.PathLike, images: Sequence[str],
             probs = np.asarray(model.predict(np.stack(batch), verbose=0))
             for i, pr in zip(where, probs, strict=True):
                 ranked = " ".join(f"{c}={pr[j]:.3f}" for j, c in enumerate(classes))
-                lines[i] = f"{chunk[i]}\t{classes[int(pr.argmax())]}\t{ranked}"
+                lines[i] = f"{chunk[i][0]}\t{classes[int(pr.argmax())]}\t{ranked}"
         yield from lines
