@@ -13,15 +13,18 @@ Environment (read by FiftyOne itself; we only set defaults before the first impo
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
+import io
 import logging
 import os
 import re
 import socket
+import sys
 import time
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,6 +101,40 @@ def _fiftyone():
     if _without_mongodb_age_notice not in database_log.filters:
         database_log.addFilter(_without_mongodb_age_notice)
     return fo
+
+
+class _StdoutToStderr(io.TextIOBase):
+    """Stands in for sys.stdout: what is written to it goes to stderr. Not sys.stderr itself, because
+    FiftyOne's progress bars repoint the log handlers that write to whatever sys.stdout is at the time."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(sys.stderr, "encoding", None) or "utf-8"
+
+
+@contextlib.contextmanager
+def _library_output_on_stderr() -> Iterator[None]:
+    """For the block, FiftyOne's progress bars and notices ("Computing uniqueness...") go to stderr: they are
+    written to stdout, which the `curate app` command keeps for its results (view counts, App links)."""
+    _fiftyone()  # its log handlers are made on import
+    stdout_handlers = [h for name in ("fiftyone", "eta") for h in logging.getLogger(name).handlers
+                       if isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.__stdout__)]
+    streams = [h.setStream(sys.stderr) for h in stdout_handlers]
+    try:
+        with contextlib.redirect_stdout(_StdoutToStderr()):  # the progress bars write to sys.stdout directly
+            yield
+    finally:
+        for handler, stream in zip(stdout_handlers, streams, strict=True):
+            handler.setStream(stream)
 
 
 def _database_description(fo) -> str:
@@ -734,7 +771,8 @@ def app(run: str | os.PathLike | None, port: int = 5151, address: str = "127.0.0
     run_dir = resolve_run_dir(run)
     if launch and not _port_is_free(address, port) and not _is_fiftyone_server(address, port):
         raise CurateError(f"port {port} on {address} is taken by another program; choose another --port")
-    dataset = build_dataset(run_dir)
+    with _library_output_on_stderr():
+        dataset = build_dataset(run_dir)
     fo = _fiftyone()
     views = dataset.info.get("curate_views", [])
     print(f"FiftyOne dataset {dataset.name}: {len(dataset)} samples ({_database_description(fo)})")
@@ -744,7 +782,8 @@ def app(run: str | os.PathLike | None, port: int = 5151, address: str = "127.0.0
         return
     from fiftyone.core.utils import to_slug
 
-    session = fo.launch_app(dataset, port=port, address=address, remote=True, auto=False)
+    with _library_output_on_stderr():
+        session = fo.launch_app(dataset, port=port, address=address, remote=True, auto=False)
     print(f"FiftyOne App: {app_url(address, port, dataset.name)}")
     for name in views:
         print(f"  {name}: {app_url(address, port, dataset.name, to_slug(name))}")

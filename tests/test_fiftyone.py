@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import make_dataset
 from PIL import Image
 
 from curate.io import CurateError
@@ -518,3 +519,21 @@ def test_analytics_off_and_database_dir_from_the_environment(tmp_path: Path):
     env["FIFTYONE_DO_NOT_TRACK"] = "false"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT, env=env)
     assert out.stdout.split()[0] == "False"
+
+
+def test_app_command_keeps_stdout_for_its_results(private_mongo, tmp_path):
+    """FiftyOne writes its progress bars and "Computing uniqueness..." notices to stdout; `curate app` sends
+    them to stderr, so stdout holds the dataset line and the view counts only."""
+    data = make_dataset(tmp_path / "flowers", per_class=4, classes=["daisy", "roses"])
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cli = [sys.executable, "-m", "curate.cli"]
+    for argv in (["scan", str(data), "--out", str(run)], ["flag", "--fast", "--run", str(run)]):
+        assert subprocess.run(cli + argv, env=env, capture_output=True, timeout=300).returncode == 0
+    done = subprocess.run(cli + ["app", "--no-launch", "--run", str(run)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("FiftyOne dataset ") and ": 8 samples" in lines[0], done.stdout
+    assert lines[1:] and all(line.startswith("  view ") for line in lines[1:]), done.stdout
+    assert "Computing uniqueness" in done.stderr and "samples/s" in done.stderr  # said, on stderr

@@ -12,6 +12,7 @@ validation epoch), classes.json, log.csv, history.png, metrics.json, predictions
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -173,9 +174,11 @@ def fit_arrays(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | Non
                                                  patience=p.early_stopping_patience, restore_best_weights=False))
     cbs += list(callbacks or [])
     val = (x_val, keras.utils.to_categorical(np.asarray(y_val), n_cls)) if has_val else None
-    verbose = (1 if sys.stdout.isatty() else 2) if progress else 0
-    hist = model.fit(x_train, keras.utils.to_categorical(y_train, n_cls), batch_size=p.batch_size,
-                     epochs=p.epochs, validation_data=val, shuffle=True, callbacks=cbs, verbose=verbose)
+    verbose = (1 if sys.stderr.isatty() else 2) if progress else 0
+    # Keras prints its progress on stdout; curate keeps stdout for results (`predict` lines, paths)
+    with contextlib.redirect_stdout(sys.stderr):
+        hist = model.fit(x_train, keras.utils.to_categorical(y_train, n_cls), batch_size=p.batch_size,
+                         epochs=p.epochs, validation_data=val, shuffle=True, callbacks=cbs, verbose=verbose)
     model.history_ = dict(hist.history)
     model.best_epoch_ = keep.best_epoch if keep and keep.best_epoch >= 0 else len(model.history_["loss"]) - 1
     return model
