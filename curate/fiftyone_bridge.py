@@ -126,7 +126,8 @@ def _library_output_on_stderr() -> Iterator[None]:
     """For the block, FiftyOne's progress bars and notices ("Computing uniqueness...") go to stderr: they are
     written to stdout, which the `curate app` command keeps for its results (view counts, App links)."""
     _fiftyone()  # its log handlers are made on import
-    stdout_handlers = [h for name in ("fiftyone", "eta") for h in logging.getLogger(name).handlers
+    handlers = dict.fromkeys(h for name in ("fiftyone", "eta") for h in logging.getLogger(name).handlers)  # shared
+    stdout_handlers = [h for h in handlers
                        if isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.__stdout__)]
     streams = [h.setStream(sys.stderr) for h in stdout_handlers]
     try:

@@ -537,3 +537,16 @@ def test_app_command_keeps_stdout_for_its_results(private_mongo, tmp_path):
     assert lines[0].startswith("FiftyOne dataset ") and ": 8 samples" in lines[0], done.stdout
     assert lines[1:] and all(line.startswith("  view ") for line in lines[1:]), done.stdout
     assert "Computing uniqueness" in done.stderr and "samples/s" in done.stderr  # said, on stderr
+
+
+def test_fiftyone_log_handlers_are_given_back_after_the_app_command_borrowed_them(capsys):
+    from curate.fiftyone_bridge import _fiftyone, _library_output_on_stderr
+
+    _fiftyone()
+    handlers = [h for name in ("fiftyone", "eta") for h in logging.getLogger(name).handlers]
+    before = [h.stream for h in handlers]
+    with _library_output_on_stderr():
+        print("a progress bar")
+    assert [h.stream for h in handlers] == before  # one handler serves both loggers: restored once, not to None
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", "a progress bar\n")
