@@ -242,9 +242,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif cmd == "run":
         from curate.pipeline import run
 
-        run(args.data, source=args.source, out=args.out, fast=args.fast, preset=args.preset,
-            seeds=args.seeds, compare=not args.skip_compare, progress=progress, epochs=args.epochs,
-            scene=not args.no_scene, max_off_class=args.max_off_class)
+        print(run(args.data, source=args.source, out=args.out, fast=args.fast, preset=args.preset,
+                  seeds=args.seeds, compare=not args.skip_compare, progress=progress, epochs=args.epochs,
+                  scene=not args.no_scene, max_off_class=args.max_off_class))  # the report, as `report` prints it
     return 0
 
 

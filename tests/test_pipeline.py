@@ -30,6 +30,8 @@ def test_run_fetches_scans_flags_exports_compares_reports_then_skips_what_is_up_
     assert cli.main(args) == 0
     first = capsys.readouterr()
     assert _stage_lines(first.err) == {s: "ran" for s in ("fetch", "scan", "flag", "export", "compare", "report")}
+    # stdout carries the result only, the report's path (Keras's epoch lines went to stderr)
+    assert Path(first.out.strip()).resolve() == (run_dir / "index.html").resolve(), first.out[:500]
     assert tree_fingerprint(source) == before  # the source was copied, never written
     assert len(list(data.rglob("*.jpg"))) == 40
     for name in ("manifest.csv", "duplicates.csv", "cleaned.csv", "removed.csv", "compare.json", "index.html",
