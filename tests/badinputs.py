@@ -10,8 +10,11 @@ wrong in the ways a hand-edited manifest goes wrong.
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,6 +193,13 @@ def _with_label(df: pd.DataFrame, label: str) -> pd.DataFrame:
 def outside_of(root: Path) -> Path:
     """The folder beside DATA that the corpus's symlinks point into."""
     return root.parent / (root.name + "_outside")
+
+
+def curate(*args: str) -> subprocess.CompletedProcess:
+    """`curate ARGS` as a separate process (exit codes as a shell sees them; environment as the caller's)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([sys.executable, "-m", "curate.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
 
 
 def run_cli(args: list[str]) -> tuple[int, str, str]:

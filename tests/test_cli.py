@@ -3,26 +3,13 @@ Ctrl-C); errors on stderr, one line, naming the command; -v/-q accepted by every
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from badinputs import run_cli
+from badinputs import curate, run_cli
 from conftest import make_dataset
 
 from curate import cli
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def curate(*args: str) -> subprocess.CompletedProcess:
-    """`curate ARGS` as a separate process (exit codes as a shell sees them)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "curate.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
 
 
 def _subcommands() -> dict[str, object]:

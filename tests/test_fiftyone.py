@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from badinputs import curate
 from conftest import make_dataset
 from PIL import Image
 
@@ -526,12 +527,9 @@ def test_app_command_keeps_stdout_for_its_results(private_mongo, tmp_path):
     them to stderr, so stdout holds the dataset line and the view counts only."""
     data = make_dataset(tmp_path / "flowers", per_class=4, classes=["daisy", "roses"])
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cli = [sys.executable, "-m", "curate.cli"]
     for argv in (["scan", str(data), "--out", str(run)], ["flag", "--fast", "--run", str(run)]):
-        assert subprocess.run(cli + argv, env=env, capture_output=True, timeout=300).returncode == 0
-    done = subprocess.run(cli + ["app", "--no-launch", "--run", str(run)], env=env, capture_output=True, text=True,
-                          timeout=300)
+        assert curate(*argv).returncode == 0
+    done = curate("app", "--no-launch", "--run", str(run))
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith("FiftyOne dataset ") and ": 8 samples" in lines[0], done.stdout
