@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out the scene measures: people, straight edges, depth of field, colour "
                    "(q_face, q_body, q_structure, q_focus, q_colour, and the rule that a confidently "
                    "found face ranks a photo first): for datasets whose classes are "
-                   "people, man-made objects or not colourful close-ups")
+                   "man-made objects or not colourful close-ups (a class with someone in at least 30%% of "
+                   "its photos is taken to be about people without it: finding a person counts against "
+                   "none of its photos)")
     p.add_argument("--no-retrain", action="store_true",
                    help="score with the first K-fold ViT only; by default it is trained a second time, same "
                    "folds, without the photos the first pass found most suspicious, and every photo is "

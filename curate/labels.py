@@ -521,8 +521,15 @@ def flag(run: str | Path | None, folds: int = 5, embeddings: str | None = None, 
 
             scene_measures = scene.measure(run_dir, data_root, good, progress=progress)
             extra.update(scene.scene_quality(scene_measures, labels))
+            of_people = scene.classes_of_people(scene_measures, labels)
+            if of_people.any():
+                share = scene.people_share(scene_measures, labels)
+                log.info("flag: a face or a person is found in %s: people are taken to be what such a class is "
+                         "about, and finding one is not counted against its photos",
+                         ", ".join(f"{100 * share[c]:.0f}% of the {classes[c]!r} photos"
+                                   for c in np.flatnonzero(of_people)))
             if cfg.sure_face is not None:
-                certainty = scene.detected(scene_measures["face_score"], cfg.sure_face)
+                certainty = scene.detected(scene_measures["face_score"], cfg.sure_face) * ~of_people[labels]
         score_cfg = dataclasses.replace(cfg, weights=cfg.fast_weights) if rep.name == "features" else cfg
         # look-alikes by the cheap features: bench/flag_eval.py measured them better for this than the ViT's
         # embeddings (AP 0.46 vs 0.41), which are not comparable across folds anyway

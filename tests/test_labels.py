@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import FLOWERS, inspection_shots
+from conftest import FLOWERS, inspection_shots, make_dataset
 
 from curate import labels as L
 from curate.io import CurateError, read_manifest
@@ -135,6 +135,35 @@ def test_a_confident_face_ranks_a_real_portrait_first(small_dataset, tmp_path):
     off = read_manifest(run / "manifest.csv").set_index("filepath")
     assert off.loc[portrait, "label_quality"] > df.loc[portrait, "label_quality"]
     np.testing.assert_allclose(off.drop(index=portrait)["label_quality"], others["label_quality"])
+
+
+# photos of sunflowers/ in which the bundled detectors find someone with confidence (face >= 0.92)
+PEOPLE = ["40410686_272bc66faf_m.jpg", "4933823300_39fd4420b6.jpg", "4933230247_a0432f01da.jpg",
+          "4933823194_33f6e32c5a.jpg", "4933822052_2dfef02517.jpg", "4933821940_38064522a8.jpg"]
+
+
+def test_in_a_class_of_people_finding_someone_counts_against_no_photo(tmp_path, caplog):
+    """Workers with and without helmets: people are what the class is about, so neither the person measures
+    nor the sure-face rule may rank its photos first; a portrait filed in daisy/ still ranks first."""
+    root = make_dataset(tmp_path / "data", 12, ["daisy", "dandelion"])
+    (root / "people").mkdir()
+    for name in PEOPLE:
+        shutil.copyfile(FLOWERS / "sunflowers" / name, root / "people" / name)
+    portrait = "daisy/4933230395_7930697335_m.jpg"  # a woman among sunflowers (tests/test_people.py)
+    shutil.copyfile(FLOWERS / "sunflowers" / Path(portrait).name, root / portrait)
+    run = _scanned_run(root, tmp_path / "run")
+    with caplog.at_level(logging.INFO, logger="curate"):
+        L.flag(run, folds=3, fast=True, progress=False)
+    df = read_manifest(run / "manifest.csv").set_index("filepath")
+    people = df[df["label"] == "people"]
+    sure = L.FlagConfig().sure_face
+    # the people class has photos whose face is found more confidently than the portrait's
+    assert (people["face_score"] > df.loc[portrait, "face_score"]).any()
+    assert (people["face_score"] >= sure).all()
+    assert (people[["q_face", "q_body"]] == 0).all().all()
+    assert df.loc[portrait, "q_face"] < 0
+    assert df.loc[portrait, "label_quality"] < df.drop(index=portrait)["label_quality"].min()
+    assert "100% of the 'people' photos" in caplog.text
 
 
 def _scanned_run(dataset: Path, run: Path, error_file: str | None = None, pattern: str = "*/*.jpg") -> Path:

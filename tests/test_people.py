@@ -47,10 +47,11 @@ def test_letterbox_keeps_the_aspect_ratio_and_pads_with_black():
 def test_scene_measures_carry_the_scores_and_rank_a_detection_below_the_threshold_as_none():
     measured = scene.measure_photo(scene.thumbnail(PORTRAIT))
     assert measured["face_score"] == pytest.approx(people.person_scores(scene.thumbnail(PORTRAIT))["face_score"])
-    measures = pd.DataFrame({"face_score": [0.1, 0.69, 0.75, 0.95],
-                             "body_score": [0.95, 0.0, 0.0, 0.3], "straight_edges": 0.0, "in_focus": 0.0,
-                             "colourfulness": 10.0})
-    q = scene.scene_quality(measures, np.zeros(4, int))
+    # and 8 photos with no one in them, so that the class is not one of people (scene.classes_of_people)
+    measures = pd.DataFrame({"face_score": [0.1, 0.69, 0.75, 0.95, *[0.0] * 8],
+                             "body_score": [0.95, 0.0, 0.0, 0.3, *[0.0] * 8], "straight_edges": 0.0,
+                             "in_focus": 0.0, "colourfulness": 10.0})
+    q = scene.scene_quality(measures, np.zeros(12, int))
     # below PERSON_THRESHOLD all score alike; above it, a more confident face is more suspicious
     assert q["q_face"][0] == q["q_face"][1] == 0.0 > q["q_face"][2] > q["q_face"][3]
     assert q["q_body"][0] < q["q_body"][1] == q["q_body"][2] == q["q_body"][3] == 0.0

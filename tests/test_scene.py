@@ -170,13 +170,22 @@ def test_an_unreadable_photo_is_named_and_measured_empty(tmp_path, caplog):
 
 
 def test_scene_quality_is_lower_for_a_person_more_edges_more_in_focus_and_less_colour_than_the_class():
-    measures = pd.DataFrame({"face_score": [0.1, 0.9, 0.1, 0.1], "body_score": [0.2, 0.8, 0.2, 0.2],
-                             "straight_edges": [0.1, 3.0, 0.1, 0.1], "in_focus": [0.1, 0.8, 0.1, 0.1],
-                             "colourfulness": [80.0, 40.0, 20.0, 10.0]})
-    q = scene.scene_quality(measures, labels=np.array([0, 0, 1, 1]))
+    low = [0.1] * 6
+    measures = pd.DataFrame({"face_score": [0.1, 0.9, *low], "body_score": [0.2, 0.8, *[0.2] * 6],
+                             "straight_edges": [0.1, 3.0, *low], "in_focus": [0.1, 0.8, *low],
+                             "colourfulness": [80.0, 40.0, 60.0, 70.0, 20.0, 10.0, 15.0, 5.0]})
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    q = scene.scene_quality(measures, labels)
     assert list(q) == scene.SCENE_COMPONENTS
     assert q["q_face"][1] < q["q_face"][0] and q["q_body"][1] < q["q_body"][0]
     assert q["q_structure"][1] < q["q_structure"][0]
     assert q["q_focus"][1] < q["q_focus"][0]
     # colour is ranked within each class: 20 is the colourful one of class 1, though greyer than class 0's 40
-    assert q["q_colour"].tolist() == [1.0, 0.5, 1.0, 0.5]
+    assert q["q_colour"].tolist() == [1.0, 0.25, 0.5, 0.75, 1.0, 0.5, 0.75, 0.25]
+    # someone in 1 of 4 photos: the class is not about people; in 2 of 4 (from PEOPLE_CLASS_SHARE up) it is,
+    # and finding someone counts against none of its photos, while class 1 still counts it
+    assert scene.people_share(measures, labels).tolist() == [0.25, 0.0]
+    crowded = measures.assign(face_score=[0.1, 0.9, 0.9, 0.1, 0.9, 0.1, 0.1, 0.1])
+    assert scene.classes_of_people(crowded, labels).tolist() == [True, False]
+    q = scene.scene_quality(crowded, labels)
+    assert (q["q_face"][:4] == 0).all() and (q["q_body"][:4] == 0).all() and q["q_face"][4] < 0
