@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -25,6 +26,30 @@ if TYPE_CHECKING:  # numpy/pandas are imported where used: every `curate` proces
 REPORTS_DIR = Path("reports")
 # the files scan, fetch and predict take for images (by extension, any case)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null for the block (what C/C++ code writes there is dropped).
+
+    For native libraries that announce themselves on stderr while they load (TensorFlow, TFLite's
+    XNNPACK delegate): only around such a load, in the only thread writing, since the whole process's
+    stderr is dropped meanwhile."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no usable stderr: nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
 
 
 class CurateError(Exception):

@@ -72,6 +72,17 @@ def _interpreters() -> dict:
     return _local.models
 
 
+def load_quietly() -> None:
+    """Load this thread's detectors with the process's stderr silenced: the first TFLite interpreter in a
+    process writes "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." there, from native code that
+    neither logging nor TF_CPP_MIN_LOG_LEVEL reaches, and `curate -q` promises an empty stderr on success.
+    Call it before other threads start writing (curate.scene.measure does, before its thread pool)."""
+    from curate.io import native_stderr_silenced
+
+    with native_stderr_silenced():
+        _interpreters()
+
+
 def letterbox(image: np.ndarray, side: int) -> np.ndarray:
     """`image` (H x W x 3 RGB, uint8) scaled to fit a `side` x `side` square, centred on black, in
     [-1, 1]: the input MediaPipe's detectors were trained with (aspect kept, padded)."""

@@ -187,6 +187,8 @@ def measure(run_dir: Path, data_root: Path, manifest: pd.DataFrame, progress: bo
             log.warning("%s: cannot decode for the scene measures (%s); measured as empty", fp, exc)
             return dict(NOTHING_FOUND)
 
+    if with_people and todo:
+        people.load_quietly()  # before the thread pool: it silences the whole process's stderr for a moment
     bar = tqdm(total=len(todo), unit="img", desc="scene measures", disable=not (progress and todo), leave=False)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         for start in range(0, len(todo), CHUNK):

@@ -103,6 +103,18 @@ def test_train_and_predict_print_only_curates_own_lines(tmp_path):
     assert loud.stdout == "" and "val_acc:" in loud.stderr
 
 
+def test_quiet_flag_with_the_person_detectors_prints_nothing(tmp_path):
+    """The first TFLite interpreter in a process writes "INFO: Created TensorFlow Lite XNNPACK delegate"
+    to stderr from native code; with -q a successful flag prints nothing there but its own warnings."""
+    data = make_dataset(tmp_path / "flowers", per_class=10, classes=["daisy", "roses"])
+    assert curate("scan", str(data), "--out", str(tmp_path / "run"), "-q").returncode == 0
+    flagged = curate("flag", "--fast", "--run", str(tmp_path / "run"), "-q")
+    assert (flagged.returncode, flagged.stdout) == (0, ""), flagged.stderr[:2000]
+    # what is left on stderr is curate's own warnings (20 photos may be too few to beat chance)
+    assert all(line.startswith("flag: ") for line in flagged.stderr.splitlines()), flagged.stderr[:2000]
+    assert (tmp_path / "run" / "cache" / "scene.csv").is_file()  # the detectors did run
+
+
 @pytest.mark.parametrize("cmd", ["flag", "export", "report", "preview", "review-status"])
 def test_a_missing_run_folder_is_an_input_error_for_every_stage(cmd, tmp_path):
     rc, out, err = run_cli([cmd, "--run", str(tmp_path / "nowhere"), "-q"])
