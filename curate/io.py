@@ -51,7 +51,6 @@ def native_stderr_silenced() -> Iterator[None]:
         os.close(devnull)
 
 
-
 class CurateError(Exception):
     """An error the user can act on. `exit_code` 2 = bad usage or input, 1 = the run failed."""
 
