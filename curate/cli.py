@@ -77,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cheap features and the scene measures: about 1.5 minutes for 3,000 photos on 2 cores, "
                    "less accurate than the K-fold ViT")
     p.add_argument("--no-scene", action="store_true",
-                   help="leave out the scene measures: people, straight edges, depth of field, colour "
-                   "(q_face, q_body, q_structure, q_focus, q_colour, and the rule that a confidently "
-                   "found face ranks a photo first): for datasets whose classes are "
+                   help="leave out the scene measures: people, straight edges, depth of field, colour, "
+                   "foliage (q_face, q_body, q_structure, q_focus, q_colour, q_foliage, and the rule that a "
+                   "confidently found face ranks a photo first): for datasets whose classes are "
                    "man-made objects or not colourful close-ups (a class with someone in at least 30%% of "
                    "its photos is taken to be about people without it: finding a person counts against "
                    "none of its photos)")

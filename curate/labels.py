@@ -10,11 +10,13 @@ Three views of "this photo does not belong to its folder", each its own column (
 With trained models (the K-fold ViT) two more: `q_confidence`, the out-of-fold highest class probability
 (low when a photo looks like none of the classes), and `q_features`, `q_cluster` computed on the cheap
 features instead (a second, independent representation; bench/flag_ablation.py measured that adding it
-helps). Five label-free components come from the scene measures (curate.scene): `q_face` and `q_body` (a
+helps). Six label-free components come from the scene measures (curate.scene): `q_face` and `q_body` (a
 face or a person found by MediaPipe's small pretrained detectors, bundled: curate.people), `q_structure`
 (long straight horizontal/vertical edges), `q_focus` (sharp across the frame rather than a close-up's
-shallow depth of field) and `q_colour` (less colourful than the class's other photos), which catch
-coherent off-class groups the models learn as the class (portraits, parades, buildings, landscapes).
+shallow depth of field), `q_colour` (less colourful than the class's other photos) and `q_foliage` (less of
+the frame green than the class's other photos: no leaves, stems or grass), which catch coherent off-class
+groups the models learn as the class (portraits, parades, buildings, landscapes, cakes and teacups with
+roses on them).
 All are combined by a weighted mean of their within-run percentile ranks into the photo's own score,
 and `label_quality` (0..1) is half that and half `lookalike_quality`, the mean own score of its five
 closest look-alikes in the same folder (by the cheap features: colour histogram, gradients, 8x8
@@ -87,16 +89,19 @@ class FlagConfig:
     # Scored by the ViT retrained without the flagged photos (retrain_pruned), q_cleanlab, q_knn and q_cluster
     # carry more signal than the first pass's (alone AP .11/.13/.12 -> .20/.16/.15) and weigh twice as much
     # (bench/flag_ablation.py, label_quality AP with them at 1/1.5/2/3: .576/.583/.586/.581)
+    # q_foliage (less green than the class) at 0.5/1/1.5/2.5: .595/.601/.603/.600 on the shipped folds,
+    # .589/.595/.599/.600 on a second seed's (without it .586 and .578); full re-flag at 1.5: .606 and .584
     weights: dict[str, float] = field(default_factory=lambda: {
         "q_cleanlab": 2.0, "q_knn": 2.0, "q_cluster": 2.0, "q_confidence": 1.0, "q_features": 1.0,
-        "q_face": 3.5, "q_body": 3.5, "q_structure": 2.5, "q_focus": 2.5, "q_colour": 2.5})
+        "q_face": 3.5, "q_body": 3.5, "q_structure": 2.5, "q_focus": 2.5, "q_colour": 2.5, "q_foliage": 1.5})
     # --fast: the cheap features' label disagreement (q_cleanlab, q_knn) ranks the audited off-class photos
     # at chance (bench/flag_eval.py: AP 0.078, base rate 0.066); only their within-class clusters carry signal
     # each scene measure weighs half as much as q_cluster here too (AP 0.131 without them, 0.222 with faces
-    # and edges, ~0.35 with all four), the person detectors 1.4 times that (AP at 0.5/0.7/1.0: .472/.484/.493)
+    # and edges, ~0.35 with all four), the person detectors 1.4 times that (AP at 0.5/0.7/1.0: .472/.484/.493);
+    # q_foliage at 0.3/0.4/0.5/0.7: .528/.529/.527/.519 (.515 without it)
     fast_weights: dict[str, float] = field(default_factory=lambda: {
         "q_cluster": 1.0, "q_face": 0.7, "q_body": 0.7, "q_structure": 0.5, "q_focus": 0.5,
-        "q_colour": 0.5})
+        "q_colour": 0.5, "q_foliage": 0.5})
     lookalikes: int = 5  # label_quality shares this many same-folder look-alikes' scores; 0 = off
     lookalike_share: float = 0.5  # their mean's share of label_quality (the photo's own score the rest)
     # a face found with at least this confidence ranks the photo first, whatever its other scores (None = off;
@@ -105,7 +110,7 @@ class FlagConfig:
     # yet the weighted mean and the look-alikes left portraits at ranks 270-430 (bench/flag_ablation.py:
     # label_quality AP from 0.75/0.8/0.85/0.9: .549/.572/.571/.557, .548 without; --fast .484 -> .515)
     sure_face: float | None = 0.85
-    scene: bool = True  # measure people, straight edges, depth of field and colour (curate.scene)
+    scene: bool = True  # measure people, straight edges, depth of field, colour and foliage (curate.scene)
     outlier_z: float = 3.5  # robust z of the distance to the nearest class centre
     # off_class needs out-of-fold models that agree with the labels beyond chance (one-sided test at this
     # p-value, `beats_chance`); a model at chance makes cleanlab count its guesses (on simulated inspection

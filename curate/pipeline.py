@@ -118,7 +118,7 @@ def run(data: str | os.PathLike = "flower_photos", source: str | os.PathLike | N
     """Fetch (if DATA is missing), scan, flag, export, compare (unless `compare=False`) and report.
 
     `epochs` overrides the compare preset's number of epochs (None: the preset's own); `scene=False`
-    flags without the scene measures (people, straight edges, depth of field, colour;
+    flags without the scene measures (people, straight edges, depth of field, colour, foliage;
     `curate flag --no-scene`); `max_off_class` caps the share of photos flagged off_class (and so removed
     by the default export policy; `curate flag --max-off-class`; None: FlagConfig's default).
 

@@ -557,7 +557,7 @@ def section_off_class(art: RunArtifacts, thumbs: Thumbnails) -> str:
     rows = rows.assign(_q=q[rows.index]).sort_values(["_q", "filepath"])
     removed = art.removed.set_index("filepath")["reason"] if art.removed is not None else None
     score_cols = [c for c in ("label_quality", "lookalike_quality", "q_cleanlab", "q_knn", "q_cluster",
-                                "face_score", "body_score", "straight_edges", "in_focus", "colourfulness")
+                                "face_score", "body_score", "straight_edges", "in_focus", "colourfulness", "foliage")
                   if c in m.columns]
     head = "".join(f"<th>{c}</th>" for c in ["photo", "file", "label", *score_cols, "suggested", "cluster", "export"])
     body = []
@@ -575,7 +575,7 @@ def section_off_class(art: RunArtifacts, thumbs: Thumbnails) -> str:
     table = f"<table><tr>{head}</tr>{''.join(body)}</table>" if body else ""
     legend = ("Scores: 0..1, low = suspicious; face_score and body_score (a face or a person found, 0..1), "
               "straight_edges, in_focus (share of the frame "
-              "in focus) and colourfulness are what the scene measures found.")
+              "in focus), colourfulness and foliage (share of green pixels) are what the scene measures found.")
     return f"<p>{intro} {legend}</p>{table}{more}{section_clusters(art)}"
 
 

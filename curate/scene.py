@@ -1,4 +1,4 @@
-"""What else is in a photo: people, man-made structure, depth of field and colour, measured offline.
+"""What else is in a photo: people, man-made structure, depth of field, colour and foliage, measured offline.
 
 A model trained from scratch on the folder labels learns a coherent off-class group (parade bands in
 roses/, windmills in tulips/, portraits in sunflowers/) as part of the class, so its disagreement misses
@@ -18,17 +18,23 @@ them. These measures do not depend on the labels:
   red-green and yellow-blue). Its component is ranked within the photo's class, since classes differ
   (white daisies, yellow dandelions): a photo much greyer than its class's photos (a street, a portrait,
   a black-and-white wedding) rarely shows its flowers.
+- `foliage`: the share of the frame's pixels that are green (a leaf's hue, saturated and bright enough):
+  leaves, stems and grass, which a flower in a garden or a field shows, and a cake or a teacup with roses on
+  it, a statue, a room or an animal rarely does. Ranked within the class like colour, since classes differ
+  in how much green they show (a field of sunflowers, a rose in a vase), and a green-free dataset (parts
+  on a conveyor) ties every photo, so it changes nothing there.
 
-They become five label_quality components, `q_face`, `q_body`, `q_structure`, `q_focus` and `q_colour`
-(low = suspicious). bench/flag_eval.py measured them on the hand audit: alone AP 0.21, 0.20, 0.20, 0.09
-and 0.14 (base rate 0.066); with the model components AP 0.17 -> 0.26 (Haar faces, edges) -> 0.30 (depth
-of field) -> ~0.37 (colour) -> 0.39 (edges only within the frame), before look-alikes (curate.labels);
-with look-alikes 0.477, 0.548 with the two person detectors in place of the cascade, and 0.571 when
-a confident face ranks its photo first (curate.labels.FlagConfig.sure_face). They
+They become six label_quality components, `q_face`, `q_body`, `q_structure`, `q_focus`, `q_colour` and
+`q_foliage` (low = suspicious). bench/flag_eval.py measured them on the hand audit: alone AP 0.21, 0.20,
+0.20, 0.09 and 0.14 (base rate 0.066); with the model components AP 0.17 -> 0.26 (Haar faces, edges) ->
+0.30 (depth of field) -> ~0.37 (colour) -> 0.39 (edges only within the frame), before look-alikes
+(curate.labels); with look-alikes 0.477, 0.548 with the two person detectors in place of the cascade, and
+0.571 when a confident face ranks its photo first (curate.labels.FlagConfig.sure_face); foliage alone
+0.09, and 0.586 -> 0.606 added to the full recipe (a second seed: 0.578 -> 0.584; docs/flagging.md). They
 encode an assumption, that the classes are colourful natural objects photographed close up, and that
 people, straight man-made edges, deep focus and grey scenes are not what the folders are about; for a
-dataset where they are (parts on a production line), leave them out: `curate flag --no-scene`. One case
-is recognised without it: a class in which someone is found in many photos (PEOPLE_CLASS_SHARE) is about
+dataset where they are (parts on a production line), leave them out: `curate flag --no-scene`. One case is
+recognised without it: a class in which someone is found in many photos (PEOPLE_CLASS_SHARE) is about
 people, and q_face, q_body and the sure-face rule leave its photos alone (`classes_of_people`).
 
 Measured once per photo on a thumbnail (longest side 320 px), cached in `<run>/cache/scene.csv` by
@@ -52,9 +58,11 @@ from curate.io import DECODE_VERSION, atomic_write_csv, open_upright, safe_relpa
 
 log = logging.getLogger("curate.scene")
 
-SCENE_COLUMNS = ["face_score", "body_score", "straight_edges", "in_focus", "colourfulness"]
-NOTHING_FOUND = {"face_score": 0.0, "body_score": 0.0, "straight_edges": 0.0, "in_focus": 0.0, "colourfulness": 0.0}
-SCENE_COMPONENTS = ["q_face", "q_body", "q_structure", "q_focus", "q_colour"]  # their label_quality components
+SCENE_COLUMNS = ["face_score", "body_score", "straight_edges", "in_focus", "colourfulness", "foliage"]
+NOTHING_FOUND = {"face_score": 0.0, "body_score": 0.0, "straight_edges": 0.0, "in_focus": 0.0, "colourfulness": 0.0,
+                 "foliage": 0.0}
+# their label_quality components
+SCENE_COMPONENTS = ["q_face", "q_body", "q_structure", "q_focus", "q_colour", "q_foliage"]
 FOCUS_GRID = 8  # in_focus compares the sharpness of 8 x 8 tiles of the photo
 SIDE = 320  # longest side of the measured thumbnail
 CHUNK = 500  # photos measured between two saves of the cache
@@ -70,7 +78,13 @@ PERSON_THRESHOLD = 0.7
 PEOPLE_CLASS_SHARE = 0.3
 EDGE_MARGIN = 0.1  # straight_edges counts a segment only where it is at least this share of the frame from every side
 # part of every cache key: bump it when a measure's definition changes, so old values are measured again
-MEASURES_VERSION = 3
+MEASURES_VERSION = 4
+# foliage counts a pixel as green from hue 70 to 160 degrees (OpenCV's 0..180 scale: 35..80), at saturation and
+# value above 20% and 15% (below them a pixel's hue is noise); other hue ranges (36-160 degrees, or 50-90, the
+# yellow-greens only) gave label_quality AP within 0.002 of it (docs/flagging.md)
+FOLIAGE_HUE = (35, 80)
+FOLIAGE_MIN_SATURATION = 0.2
+FOLIAGE_MIN_VALUE = 0.15
 _local = threading.local()
 
 
@@ -98,6 +112,19 @@ def colourfulness(rgb: np.ndarray) -> float:
     return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
 
 
+def foliage(rgb: np.ndarray) -> float:
+    """Share (0..1) of the pixels that are green (FOLIAGE_HUE, saturated and bright enough): leaves, stems
+    and grass, which a photo of a flower in a garden or a field shows and a cake, a teacup, a statue, a room
+    or an animal rarely does."""
+    import cv2
+
+    hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)
+    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    green = ((h >= FOLIAGE_HUE[0]) & (h <= FOLIAGE_HUE[1]) & (s > FOLIAGE_MIN_SATURATION * 255)
+             & (v > FOLIAGE_MIN_VALUE * 255))
+    return float(green.mean())
+
+
 def share_inside(segments: np.ndarray, x0: float, x1: float, y0: float, y1: float) -> np.ndarray:
     """Share (0..1) of each segment (rows x1, y1, x2, y2) inside the box [x0, x1] x [y0, y1]
     (Liang-Barsky clipping)."""
@@ -117,7 +144,8 @@ def share_inside(segments: np.ndarray, x0: float, x1: float, y0: float, y1: floa
 def measure_photo(image: np.ndarray) -> dict[str, float]:
     """face_score and body_score (the most confident face and person, 0..1, curate.people; 0 when no
     TFLite interpreter is installed), straight_edges (long h/v lines / diagonal),
-    in_focus (median tile sharpness / sharpest tile's, 0..1), colourfulness (0 for a grey image).
+    in_focus (median tile sharpness / sharpest tile's, 0..1), colourfulness (0 for a grey image), foliage
+    (share of green pixels, 0..1; 0 for a grey image).
 
     `image`: H x W x 3 RGB or H x W grey (uint8)."""
     import cv2
@@ -128,6 +156,7 @@ def measure_photo(image: np.ndarray) -> dict[str, float]:
     out = dict(NOTHING_FOUND)
     if image.ndim == 3:
         out["colourfulness"] = colourfulness(image)
+        out["foliage"] = foliage(image)
     if min(h, w) < 24:  # too small to show a person or a scene: nothing to find
         return out
     if people.available():
@@ -228,18 +257,29 @@ def classes_of_people(measures: pd.DataFrame, labels: np.ndarray,
     return people_share(measures, labels, person_threshold) >= share
 
 
+def rank_within(values: pd.Series, labels: np.ndarray) -> np.ndarray:
+    """Each value's percentile rank within its class, centred: (rank - 0.5) / class size, ties averaged.
+    A class whose values are all alike gets 0.5 whatever its size, so a measure that finds nothing
+    anywhere (no green in a dataset of grey parts) leaves the ranking of the run as it was."""
+    by_class = values.groupby(np.asarray(labels))
+    return ((by_class.rank() - 0.5) / by_class.transform("size")).to_numpy()
+
+
 def scene_quality(measures: pd.DataFrame, labels: np.ndarray,
                   person_threshold: float = PERSON_THRESHOLD) -> dict[str, np.ndarray]:
     """SCENE_COMPONENTS, low = more suspicious: q_face and q_body (a more confident face or person
     detection, from `person_threshold` up; all below it score alike; not counted in a class of people,
     `classes_of_people`), q_structure (more straight edges), q_focus (more of the frame in focus),
     q_colour (colourfulness as a percentile rank within the photo's class, `labels`: less colourful than
-    the class's other photos)."""
+    the class's other photos), q_foliage (the share of green pixels as a percentile rank within the class:
+    less green than the class's other photos)."""
     labels = np.asarray(labels)
     counted = ~classes_of_people(measures, labels, person_threshold)[labels]
     colour = pd.Series(measures["colourfulness"].to_numpy(dtype=float))
+    green = pd.Series(measures["foliage"].to_numpy(dtype=float))
     return {"q_face": -detected(measures["face_score"], person_threshold) * counted,
             "q_body": -detected(measures["body_score"], person_threshold) * counted,
             "q_structure": -measures["straight_edges"].to_numpy(dtype=float),
             "q_focus": -measures["in_focus"].to_numpy(dtype=float),
-            "q_colour": colour.groupby(np.asarray(labels)).rank(pct=True).to_numpy()}
+            "q_colour": colour.groupby(labels).rank(pct=True).to_numpy(),
+            "q_foliage": rank_within(green, labels)}

@@ -387,11 +387,15 @@ def test_flag_with_a_tiny_kfold_vit_writes_its_out_of_fold_outputs(small_dataset
            config=L.FlagConfig(vit=TINY_VIT, group_size=3, retrain_pruned=False, chance_p_value=None))
     df = read_manifest(run / "manifest.csv")
     for col in ["q_cleanlab", "q_knn", "q_cluster", "q_confidence", "q_features", "q_face", "q_body", "q_structure",
-                "q_focus", "q_colour", "face_score", "body_score",
-                "straight_edges", "in_focus", "colourfulness", "pred_vit"]:
+                "q_focus", "q_colour", "q_foliage", "face_score", "body_score",
+                "straight_edges", "in_focus", "colourfulness", "foliage", "pred_vit"]:
         assert df[col].notna().all(), col
     assert (df["q_structure"] == -df["straight_edges"]).all()  # the detector's measure, sign flipped
     assert (df["q_focus"] == -df["in_focus"]).all() and df["in_focus"].between(0, 1).all()
+    # less green than the class's other photos
+    by_class = df.groupby("label")["foliage"]
+    np.testing.assert_allclose(df["q_foliage"], (by_class.rank() - 0.5) / by_class.transform("size"), atol=1e-5)
+    assert df["foliage"].between(0, 1).all()
     assert df["label_quality"].between(0, 1).all()
     oof = np.load(run / "oof_vit.npy")
     assert oof.shape == (len(df), 5)
@@ -403,8 +407,8 @@ def test_flag_with_a_tiny_kfold_vit_writes_its_out_of_fold_outputs(small_dataset
     L.flag(run, folds=2, embeddings="vit", progress=False,
            config=L.FlagConfig(vit=TINY_VIT, group_size=3, scene=False, retrain_pruned=False, chance_p_value=None))
     plain = read_manifest(run / "manifest.csv")
-    assert not {"q_face", "q_body", "q_structure", "q_focus", "q_colour", "face_score", "body_score",
-                "straight_edges", "in_focus", "colourfulness"} & set(plain.columns)
+    assert not {"q_face", "q_body", "q_structure", "q_focus", "q_colour", "q_foliage", "face_score", "body_score",
+                "straight_edges", "in_focus", "colourfulness", "foliage"} & set(plain.columns)
     assert (plain["q_cleanlab"] == df["q_cleanlab"]).all()
     assert not np.allclose(plain["label_quality"], df["label_quality"])
 

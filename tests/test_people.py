@@ -50,7 +50,7 @@ def test_scene_measures_carry_the_scores_and_rank_a_detection_below_the_threshol
     # and 8 photos with no one in them, so that the class is not one of people (scene.classes_of_people)
     measures = pd.DataFrame({"face_score": [0.1, 0.69, 0.75, 0.95, *[0.0] * 8],
                              "body_score": [0.95, 0.0, 0.0, 0.3, *[0.0] * 8], "straight_edges": 0.0,
-                             "in_focus": 0.0, "colourfulness": 10.0})
+                             "in_focus": 0.0, "colourfulness": 10.0, "foliage": 0.2})
     q = scene.scene_quality(measures, np.zeros(12, int))
     # below PERSON_THRESHOLD all score alike; above it, a more confident face is more suspicious
     assert q["q_face"][0] == q["q_face"][1] == 0.0 > q["q_face"][2] > q["q_face"][3]

@@ -1,4 +1,5 @@
-"""curate.scene: the face, person, straight-edge, depth-of-field and colour measures on real photos, and their cache."""
+"""curate.scene: the face, person, straight-edge, depth-of-field, colour and foliage measures on real photos,
+and their cache."""
 
 from __future__ import annotations
 
@@ -97,6 +98,27 @@ def test_colourfulness_is_zero_for_grey_and_falls_as_a_real_photo_loses_its_colo
     assert scene.measure_photo(rgb)["colourfulness"] == scene.colourfulness(rgb) > 0
 
 
+def test_foliage_is_the_share_of_green_pixels_and_leaves_with_the_greens():
+    def flat(rgb):
+        return np.full((40, 60, 3), rgb, dtype=np.uint8)
+    assert scene.foliage(flat((30, 160, 40))) == 1.0  # leaf green
+    assert scene.foliage(flat((200, 30, 30))) == 0.0  # red petals
+    assert scene.foliage(flat((0, 25, 0))) == 0.0  # too dark for its hue to mean anything
+    assert scene.foliage(flat((120, 130, 120))) == 0.0  # too grey
+    half = np.concatenate([flat((30, 160, 40)), flat((200, 200, 200))], axis=1)
+    assert scene.foliage(half) == 0.5
+    # a real dandelion in grass: much of it green; grey or with its hues turned half round (magenta), none or little
+    rgb = max((scene.thumbnail(p) for p in real_photos(3, ["dandelion"])), key=scene.foliage)
+    assert scene.foliage(rgb) > 0.3
+    assert scene.measure_photo(rgb)["foliage"] == scene.foliage(rgb)
+    grey = np.repeat(rgb.mean(axis=2, keepdims=True).astype(np.uint8), 3, axis=2)
+    assert scene.foliage(grey) == 0.0
+    import cv2
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+    hsv[..., 0] = (hsv[..., 0].astype(int) + 90) % 180  # OpenCV's hue runs 0..180: 90 is 180 degrees
+    assert scene.foliage(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)) < scene.foliage(rgb) / 10
+
+
 def test_measure_caches_by_path_and_hash_and_measures_only_what_changed(tmp_path, monkeypatch):
     from tests.conftest import FLOWERS as SHARED
 
@@ -173,13 +195,20 @@ def test_scene_quality_is_lower_for_a_person_more_edges_more_in_focus_and_less_c
     low = [0.1] * 6
     measures = pd.DataFrame({"face_score": [0.1, 0.9, *low], "body_score": [0.2, 0.8, *[0.2] * 6],
                              "straight_edges": [0.1, 3.0, *low], "in_focus": [0.1, 0.8, *low],
-                             "colourfulness": [80.0, 40.0, 60.0, 70.0, 20.0, 10.0, 15.0, 5.0]})
+                             "colourfulness": [80.0, 40.0, 60.0, 70.0, 20.0, 10.0, 15.0, 5.0],
+                             "foliage": [0.3, 0.0, *[0.3] * 6]})
     labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     q = scene.scene_quality(measures, labels)
     assert list(q) == scene.SCENE_COMPONENTS
     assert q["q_face"][1] < q["q_face"][0] and q["q_body"][1] < q["q_body"][0]
     assert q["q_structure"][1] < q["q_structure"][0]
     assert q["q_focus"][1] < q["q_focus"][0]
+    # foliage, like colour, is ranked within each class: class 1's photos are all alike
+    assert q["q_foliage"][1] < q["q_foliage"][0] and (q["q_foliage"][4:] == 0.5).all()
+    # a dataset without green (grey parts on a conveyor): one value for every photo, whatever the class sizes,
+    # so the ranking is unchanged
+    uneven = np.array([0, 0, 0, 0, 0, 0, 1, 1])
+    assert set(scene.scene_quality(measures.assign(foliage=0.0), uneven)["q_foliage"]) == {0.5}
     # colour is ranked within each class: 20 is the colourful one of class 1, though greyer than class 0's 40
     assert q["q_colour"].tolist() == [1.0, 0.25, 0.5, 0.75, 1.0, 0.5, 0.75, 0.25]
     # someone in 1 of 4 photos: the class is not about people; in 2 of 4 (from PEOPLE_CLASS_SHARE up) it is,
