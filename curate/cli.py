@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="representation: 'vit' (own ViT, K-fold; the offline default), "
                    "'keras:<keras.applications name>' (pretrained ImageNet weights), or 'features'")
     p.add_argument("--fast", action="store_true",
-                   help="cheap features and the scene measures: about 1.5 minutes for 3,000 photos on 2 cores, "
-                   "less accurate than the K-fold ViT")
+                   help="no K-fold ViT: cheap features, the scene measures and the bundled pretrained network; "
+                   "about 2 minutes for 3,000 photos on 2 cores (the full mode about 25), and on flower_photos "
+                   "as accurate (docs/flagging.md)")
     p.add_argument("--no-scene", action="store_true",
                    help="leave out the scene measures: people, straight edges, depth of field, colour, "
                    "foliage (q_face, q_body, q_structure, q_focus, q_colour, q_foliage, and the rule that a "
@@ -83,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "man-made objects or not colourful close-ups (a class with someone in at least 30%% of "
                    "its photos is taken to be about people without it: finding a person counts against "
                    "none of its photos)")
+    p.add_argument("--no-pretrained", action="store_true",
+                   help="leave out the bundled ImageNet network (MobileNetV2, curate/pretrained.py): no "
+                   "q_typical (how unlike the rest of its folder a photo looks), and look-alikes found by the "
+                   "cheap features instead; saves about a minute per 3,000 photos on 2 cores the first time")
     p.add_argument("--no-retrain", action="store_true",
                    help="score with the first K-fold ViT only; by default it is trained a second time, same "
                    "folds, without the photos the first pass found most suspicious, and every photo is "
@@ -158,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset folder (default: flower_photos, fetched if missing)")
     p.add_argument("--from", dest="source", metavar="PATH", help="where to fetch the dataset from if missing")
     p.add_argument("--out", metavar="DIR", help="run folder (default: reports/<dataset name>/)")
-    p.add_argument("--fast", action="store_true", help="flag with cheap features")
+    p.add_argument("--fast", action="store_true", help="flag without the K-fold ViT (see `curate flag --help`)")
     p.add_argument("--preset", default="cpu", choices=["seed", "cpu", "gpu", "tiny"],
                    help="trainer recipe for compare (default: cpu)")
     p.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds per manifest for compare (default: 3)")
@@ -202,7 +207,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from curate.labels import flag, flag_config
 
         config = flag_config(scene=not args.no_scene, retrain_pruned=not args.no_retrain,
-                             max_off_class=args.max_off_class)
+                             max_off_class=args.max_off_class, pretrained=not args.no_pretrained)
         flag(args.run, folds=args.folds, embeddings=args.embeddings, fast=args.fast, progress=progress,
              config=config)
     elif cmd == "app":

@@ -304,7 +304,8 @@ def _tags(old_tags: list[str] | None, flags: list[str], issue_names: set[str]) -
 
 def _inputs_fingerprint(run_dir: Path, cfg: BridgeConfig) -> dict:
     """What a build depends on: this module's build version, the config, and the run files' sizes and mtimes."""
-    names = ["manifest.csv", "scan.json", "duplicates.csv", "clusters.csv", "embeddings.npy"]
+    names = ["manifest.csv", "scan.json", "duplicates.csv", "clusters.csv", "embeddings.npy",
+             "embeddings_pretrained.npy"]
     names += sorted(p.name for p in run_dir.glob("oof_*.npy"))
     files = {n: [(run_dir / n).stat().st_size, (run_dir / n).stat().st_mtime_ns] for n in names
              if (run_dir / n).exists()}
@@ -522,7 +523,11 @@ def _run_brain(fo, dataset, run_dir: Path, manifest: pd.DataFrame, paths: list[s
     if "predictions" in dataset.get_field_schema():
         scored = dataset.exists("predictions").exists("ground_truth")
         fob.compute_mistakenness(scored, "predictions", "ground_truth", use_logits=True, progress=False)
-    emb_path = run_dir / "embeddings.npy"
+    # the pretrained network's embeddings when flag wrote them: one space for every photo, and a network that
+    # knows what things look like; else the representation flag scored with (the K-fold ViT's are per fold)
+    emb_path = run_dir / "embeddings_pretrained.npy"
+    if not emb_path.exists():
+        emb_path = run_dir / "embeddings.npy"
     if not emb_path.exists():
         return
     emb = np.load(emb_path, allow_pickle=False)

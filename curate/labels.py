@@ -16,13 +16,17 @@ face or a person found by MediaPipe's small pretrained detectors, bundled: curat
 shallow depth of field), `q_colour` (less colourful than the class's other photos) and `q_foliage` (less of
 the frame green than the class's other photos: no leaves, stems or grass), which catch coherent off-class
 groups the models learn as the class (portraits, parades, buildings, landscapes, cakes and teacups with
-roses on them).
+roses on them). And `q_typical`: the photo's mean similarity to the 30 most similar photos of its folder, in
+the embeddings of an ImageNet-pretrained MobileNetV2 bundled with curate (curate.pretrained), a network that
+has seen a thousand kinds of things, where the K-fold ViT has seen only the folders; it weighs as much as
+all the other components together (bench/flag_eval.py: AP 0.606 -> 0.73 with the look-alikes found there).
 All are combined by a weighted mean of their within-run percentile ranks into the photo's own score,
 and `label_quality` (0..1) is half that and half `lookalike_quality`, the mean own score of its five
-closest look-alikes in the same folder (by the cheap features: colour histogram, gradients, 8x8
-thumbnail). Off-class photos come in sessions (a parade, a portrait shoot, a garden of black-eyed
-Susans), so a photo whose look-alikes are suspicious is more likely off-class than its own score says,
-and a lone odd score among fine look-alikes is damped: bench/flag_eval.py measured AP 0.37 -> 0.46.
+closest look-alikes in the same folder (by the pretrained network's embeddings; with
+`FlagConfig.pretrained` off, by the cheap features: colour histogram, gradients, 8x8 thumbnail).
+Off-class photos come in sessions (a parade, a portrait shoot, a garden of black-eyed Susans), so a photo
+whose look-alikes are suspicious is more likely off-class than its own score says, and a lone odd score
+among fine look-alikes is damped: bench/flag_eval.py measured AP 0.37 -> 0.46.
 Last, a photo with a confidently found face (`FlagConfig.sure_face`) is ranked first whatever its
 other scores: such a detection is all but certain evidence, which the weighted mean dilutes.
 In the K-fold ViT each fold's held-out photos are embedded by that fold's model, so kNN and clusters are
@@ -70,7 +74,7 @@ log = logging.getLogger("curate.labels")
 MIN_CLASS_PHOTOS = 10
 
 FLAG_COLUMNS = ["label_quality", "lookalike_quality", "q_cleanlab", "q_knn", "q_cluster", "q_confidence",
-                "q_features", *SCENE_COMPONENTS, *SCENE_COLUMNS, "suggested_label", "cluster",
+                "q_features", "q_typical", *SCENE_COMPONENTS, *SCENE_COLUMNS, "suggested_label", "cluster",
                 "models_disagreeing"]
 RETIRED_COLUMNS = ["faces", "face_area"]  # the Haar cascade's measures, replaced by curate.people
 
@@ -91,17 +95,21 @@ class FlagConfig:
     # (bench/flag_ablation.py, label_quality AP with them at 1/1.5/2/3: .576/.583/.586/.581)
     # q_foliage (less green than the class) at 0.5/1/1.5/2.5: .595/.601/.603/.600 on the shipped folds,
     # .589/.595/.599/.600 on a second seed's (without it .586 and .578); full re-flag at 1.5: .606 and .584
+    # q_typical (unlike the rest of its folder to the pretrained network; look-alikes found there too) weighs as
+    # much as all the others together: at 4/6/8/12/16/24 .702/.713/.722/.730/.734/.734 (folds fixed; .606 without)
     weights: dict[str, float] = field(default_factory=lambda: {
         "q_cleanlab": 2.0, "q_knn": 2.0, "q_cluster": 2.0, "q_confidence": 1.0, "q_features": 1.0,
-        "q_face": 3.5, "q_body": 3.5, "q_structure": 2.5, "q_focus": 2.5, "q_colour": 2.5, "q_foliage": 1.5})
+        "q_face": 3.5, "q_body": 3.5, "q_structure": 2.5, "q_focus": 2.5, "q_colour": 2.5, "q_foliage": 1.5,
+        "q_typical": 24.0})
     # --fast: the cheap features' label disagreement (q_cleanlab, q_knn) ranks the audited off-class photos
     # at chance (bench/flag_eval.py: AP 0.078, base rate 0.066); only their within-class clusters carry signal
     # each scene measure weighs half as much as q_cluster here too (AP 0.131 without them, 0.222 with faces
     # and edges, ~0.35 with all four), the person detectors 1.4 times that (AP at 0.5/0.7/1.0: .472/.484/.493);
     # q_foliage at 0.3/0.4/0.5/0.7: .528/.529/.527/.519 (.515 without it)
+    # q_typical as much as all the others together here too: at 2/3/4/6/8/12 .722/.729/.732/.733/.732/.726
     fast_weights: dict[str, float] = field(default_factory=lambda: {
         "q_cluster": 1.0, "q_face": 0.7, "q_body": 0.7, "q_structure": 0.5, "q_focus": 0.5,
-        "q_colour": 0.5, "q_foliage": 0.5})
+        "q_colour": 0.5, "q_foliage": 0.5, "q_typical": 4.4})
     lookalikes: int = 5  # label_quality shares this many same-folder look-alikes' scores; 0 = off
     lookalike_share: float = 0.5  # their mean's share of label_quality (the photo's own score the rest)
     # a face found with at least this confidence ranks the photo first, whatever its other scores (None = off;
@@ -111,6 +119,10 @@ class FlagConfig:
     # label_quality AP from 0.75/0.8/0.85/0.9: .549/.572/.571/.557, .548 without; --fast .484 -> .515)
     sure_face: float | None = 0.85
     scene: bool = True  # measure people, straight edges, depth of field, colour and foliage (curate.scene)
+    # the bundled ImageNet MobileNetV2 (curate.pretrained): q_typical (how like the rest of its folder a photo
+    # looks), and the space in which look-alikes are found (instead of the cheap features)
+    pretrained: bool = True
+    typical_k: int = 30  # q_typical: mean similarity to this many most similar photos of the same folder
     outlier_z: float = 3.5  # robust z of the distance to the nearest class centre
     # off_class needs out-of-fold models that agree with the labels beyond chance (one-sided test at this
     # p-value, `beats_chance`); a model at chance makes cleanlab count its guesses (on simulated inspection
@@ -139,10 +151,11 @@ class FlagConfig:
     seed: int = 0
 
 
-def flag_config(scene: bool = True, retrain_pruned: bool = True, max_off_class: float | None = None) -> FlagConfig:
+def flag_config(scene: bool = True, retrain_pruned: bool = True, max_off_class: float | None = None,
+                pretrained: bool = True) -> FlagConfig:
     """FlagConfig from the command line's options (`curate flag`, `curate run`); `max_off_class=None` keeps
     FlagConfig's own default, so that default lives in one place."""
-    config = FlagConfig(scene=scene, retrain_pruned=retrain_pruned)
+    config = FlagConfig(scene=scene, retrain_pruned=retrain_pruned, pretrained=pretrained)
     if max_off_class is not None:
         config.max_off_class_fraction = max_off_class
     return config
@@ -307,6 +320,17 @@ def cluster_quality(emb: np.ndarray, labels: np.ndarray, n_classes: int, cluster
     table = pd.DataFrame(rows, columns=["label_index", "cluster", "size", "raw"])
     table["score"] = table["raw"].rank(pct=True)
     return percentile_rank(per_photo), cluster_id, table
+
+
+def typicality_quality(emb: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Mean cosine similarity of each photo to its k most similar photos with the same label (low = unlike
+    the rest of its folder). A photo alone in its class gets the median of the others (nothing to compare)."""
+    out = np.full(len(labels), np.nan)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        if len(members) >= 2:
+            out[members] = knn_neighbours(emb[members], k)[1].mean(1)
+    return np.where(np.isnan(out), np.nanmedian(out) if (~np.isnan(out)).any() else 0.0, out)
 
 
 def lookalike_quality(features: np.ndarray, labels: np.ndarray, quality: np.ndarray, k: int) -> np.ndarray:
@@ -477,7 +501,8 @@ def choose_flags(s: dict, cfg: FlagConfig, max_fraction: float | None = None) ->
 
 def flag(run: str | Path | None, folds: int = 5, embeddings: str | None = None, fast: bool = False,
          progress: bool = True, config: FlagConfig | None = None) -> Path:
-    """Score the run's manifest; write manifest.csv (flag columns), oof_<model>.npy, embeddings.npy, clusters.csv.
+    """Score the run's manifest; write manifest.csv (flag columns), oof_<model>.npy, embeddings.npy, clusters.csv
+    and, with the pretrained network, embeddings_pretrained.npy.
 
     `embeddings`: None (own ViT K-fold; cheap features with `fast`), 'vit', 'features', or 'keras:<Name>'.
     Returns the run folder.
@@ -535,13 +560,21 @@ def flag(run: str | Path | None, folds: int = 5, embeddings: str | None = None, 
                                    for c in np.flatnonzero(of_people)))
             if cfg.sure_face is not None:
                 certainty = scene.detected(scene_measures["face_score"], cfg.sure_face) * ~of_people[labels]
-        score_cfg = dataclasses.replace(cfg, weights=cfg.fast_weights) if rep.name == "features" else cfg
         # look-alikes by the cheap features: bench/flag_eval.py measured them better for this than the ViT's
-        # embeddings (AP 0.46 vs 0.41), which are not comparable across folds anyway
+        # embeddings (AP 0.46 vs 0.41), which are not comparable across folds anyway; better still by the
+        # pretrained network's, which also say how like the rest of its folder a photo looks
+        lookalike_space = feats.embeddings
+        if cfg.pretrained:
+            from curate import pretrained
+
+            lookalike_space = pretrained.embeddings(run_dir, data_root, good, progress=progress)
+            extra["q_typical"] = typicality_quality(lookalike_space, labels, cfg.typical_k)
+        score_cfg = dataclasses.replace(cfg, weights=cfg.fast_weights) if rep.name == "features" else cfg
+
         def score_with(rep) -> dict:
             oof = {rep.name: rep.oof_probs} if rep.oof_probs is not None else {}
             return score(rep.embeddings, labels, len(classes), oof, score_cfg, space=rep.space, extra=extra,
-                         lookalike_space=feats.embeddings, certainty=certainty)
+                         lookalike_space=lookalike_space, certainty=certainty)
 
         s = score_with(rep)
         if rep.name == "vit" and cfg.retrain_pruned:
@@ -552,6 +585,8 @@ def flag(run: str | Path | None, folds: int = 5, embeddings: str | None = None, 
                 rep = embed.vit_kfold(run_dir, data_root, good, classes, cfg, progress=progress,
                                       recipe=cfg.vit, exclude=pruned)
                 s = score_with(rep)
+        if cfg.pretrained:
+            s["pretrained_embeddings"] = lookalike_space
         off, outlier = choose_flags(s, cfg)
         if not s["chance"]["beats_chance"]:
             log.warning("flag: the %s model agrees with the folder labels on %.0f%% of the photos, no better than "
@@ -618,6 +653,12 @@ def _write_outputs(run_dir: Path, df: pd.DataFrame, ok: np.ndarray, good: pd.Dat
     else:
         atomic_save_npy(run_dir / "oof_knn.npy", full(s["mean_probs"].astype(np.float32)))
     atomic_save_npy(run_dir / "embeddings.npy", full(rep.embeddings.astype(np.float32), 0.0))
+    # one space for every photo (the K-fold ViT's embeddings are each fold's model's): the App's map uses it
+    general = run_dir / "embeddings_pretrained.npy"
+    if "pretrained_embeddings" in s:
+        atomic_save_npy(general, full(s["pretrained_embeddings"].astype(np.float32), 0.0))
+    else:
+        general.unlink(missing_ok=True)  # from an earlier run with the pretrained network: no longer true
     atomic_write_csv(run_dir / "clusters.csv", _cluster_table(good, classes, labels, s))
     atomic_write_csv(run_dir / "manifest.csv", out)
 

@@ -36,7 +36,8 @@ DETECTORS = {"face_score": ("face_detection_full_range_sparse.tflite", 192),
 _local = threading.local()
 
 
-def _interpreter_class():
+def interpreter_class():
+    """LiteRT's TFLite interpreter class, else TensorFlow's, else None."""
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
@@ -51,14 +52,14 @@ def _interpreter_class():
 @functools.cache
 def available() -> bool:
     """True when a TFLite interpreter and both model files are at hand."""
-    return _interpreter_class() is not None and all((MODELS_DIR / f).is_file() for f, _ in DETECTORS.values())
+    return interpreter_class() is not None and all((MODELS_DIR / f).is_file() for f, _ in DETECTORS.values())
 
 
 def _interpreters() -> dict:
     """name -> (interpreter, input tensor index, logits tensor index), one interpreter per model and
     thread: an interpreter holds its tensors and is not thread-safe."""
     if not hasattr(_local, "models"):
-        interpreter = _interpreter_class()
+        interpreter = interpreter_class()
         models = {}
         with warnings.catch_warnings():  # TF's fallback announces its move to LiteRT on every load
             warnings.simplefilter("ignore")

@@ -556,7 +556,7 @@ def section_off_class(art: RunArtifacts, thumbs: Thumbnails) -> str:
             rows, intro = lowest, intro + " The 20 lowest label-quality scores, for a look:"
     rows = rows.assign(_q=q[rows.index]).sort_values(["_q", "filepath"])
     removed = art.removed.set_index("filepath")["reason"] if art.removed is not None else None
-    score_cols = [c for c in ("label_quality", "lookalike_quality", "q_cleanlab", "q_knn", "q_cluster",
+    score_cols = [c for c in ("label_quality", "lookalike_quality", "q_cleanlab", "q_knn", "q_cluster", "q_typical",
                                 "face_score", "body_score", "straight_edges", "in_focus", "colourfulness", "foliage")
                   if c in m.columns]
     head = "".join(f"<th>{c}</th>" for c in ["photo", "file", "label", *score_cols, "suggested", "cluster", "export"])

@@ -113,6 +113,14 @@ def test_quiet_flag_with_the_person_detectors_prints_nothing(tmp_path):
     # what is left on stderr is curate's own warnings (20 photos may be too few to beat chance)
     assert all(line.startswith("flag: ") for line in flagged.stderr.splitlines()), flagged.stderr[:2000]
     assert (tmp_path / "run" / "cache" / "scene.csv").is_file()  # the detectors did run
+    # ... and the pretrained network was converted to TFLite (quietly) and run by the interpreter
+    assert list((tmp_path / "run" / "cache").glob("mobilenet_v2_v*.tflite"))
+    # without the detectors the network's interpreter is the process's first: its XNNPACK line is held back too
+    (tmp_path / "run" / "cache" / "mobilenet_v2.npz").unlink()
+    plain = curate("flag", "--fast", "--no-scene", "--run", str(tmp_path / "run"), "-q")
+    assert (plain.returncode, plain.stdout) == (0, ""), plain.stderr[:2000]
+    assert all(line.startswith("flag: ") for line in plain.stderr.splitlines()), plain.stderr[:2000]
+    assert (tmp_path / "run" / "cache" / "mobilenet_v2.npz").is_file()
 
 
 @pytest.mark.parametrize("cmd", ["flag", "export", "report", "preview", "review-status"])

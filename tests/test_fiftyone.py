@@ -340,6 +340,26 @@ def test_brain_uniqueness_and_pca_from_our_embeddings(built):
     assert results.points.shape == (len(m) - 1, 2)
 
 
+def test_the_map_comes_from_the_pretrained_embeddings_when_flag_wrote_them(private_mongo, tmp_path):
+    from conftest import make_dataset
+
+    from curate.fiftyone_bridge import build_dataset
+
+    data = make_dataset(tmp_path / "flowers", per_class=6)
+    run_dir = tmp_path / "map_run"
+    m = write_small_run(run_dir, data)  # its embeddings.npy: 8 random numbers per photo
+    # pretrained embeddings that vary along one axis only: a PCA map of them is a line
+    general = np.zeros((len(m), 32), np.float32)
+    general[:, 3] = np.arange(len(m))
+    np.save(run_dir / "embeddings_pretrained.npy", general)
+    points = build_dataset(run_dir, progress=False).load_brain_results("embeddings_pca").points
+    assert np.ptp(points[:, 0]) > 1 and np.allclose(points[:, 1], 0, atol=1e-3)
+    # without them (flag --no-pretrained removes the file) the map is the representation's again
+    (run_dir / "embeddings_pretrained.npy").unlink()
+    points = build_dataset(run_dir, progress=False).load_brain_results("embeddings_pca").points
+    assert np.ptp(points[:, 1]) > 0.1
+
+
 def test_connecting_prints_no_notice_about_the_mongodb_version(private_mongo, caplog):
     import fiftyone.core.odm.database as fodb
 

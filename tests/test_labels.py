@@ -224,6 +224,26 @@ def test_flag_fast_end_to_end_on_real_photos(small_dataset, tmp_path):
                                atol=5e-5)
     assert not np.allclose(alone["label_quality"], scored["label_quality"])
 
+    # q_typical: similarity to the most similar photos of the same folder, in the pretrained network's embeddings
+    # (cached in the run), which are also where the look-alikes come from
+    from curate import pretrained
+
+    good = scored.reset_index(drop=True)
+    general = pretrained.embeddings(run, small_dataset, good)
+    y = good["label"].map({c: i for i, c in enumerate(sorted(set(good["label"])))}).to_numpy()
+    np.testing.assert_allclose(good["q_typical"], L.typicality_quality(general, y, L.FlagConfig().typical_k),
+                               atol=1e-5)
+    lookalike = L.lookalike_quality(general, y, 2 * good["label_quality"] - good["lookalike_quality"], 5)
+    np.testing.assert_allclose(good["lookalike_quality"], lookalike, atol=5e-5)
+    # ... and what the App's map is drawn from: one space for every photo (error rows zero)
+    written = np.load(run / "embeddings_pretrained.npy")
+    np.testing.assert_allclose(written[(df["error"] == "").to_numpy()], general, atol=1e-6)
+    assert not written[(df["error"] != "").to_numpy()].any()
+    L.flag(run, folds=3, fast=True, progress=False, config=L.FlagConfig(pretrained=False))
+    plain = read_manifest(run / "manifest.csv")
+    assert "q_typical" not in plain.columns and not (run / "embeddings_pretrained.npy").exists()
+    assert not np.allclose(plain.loc[plain["error"] == "", "label_quality"], scored["label_quality"])
+
 
 def test_flag_names_the_classes_too_small_to_judge(small_dataset, tmp_path, caplog, recwarn):
     # a class of one photo: cleanlab's own warning calls it "class: 5"; flag's names it and its size
@@ -386,8 +406,8 @@ def test_flag_with_a_tiny_kfold_vit_writes_its_out_of_fold_outputs(small_dataset
     L.flag(run, folds=2, embeddings="vit", progress=False,
            config=L.FlagConfig(vit=TINY_VIT, group_size=3, retrain_pruned=False, chance_p_value=None))
     df = read_manifest(run / "manifest.csv")
-    for col in ["q_cleanlab", "q_knn", "q_cluster", "q_confidence", "q_features", "q_face", "q_body", "q_structure",
-                "q_focus", "q_colour", "q_foliage", "face_score", "body_score",
+    for col in ["q_cleanlab", "q_knn", "q_cluster", "q_confidence", "q_features", "q_typical", "q_face", "q_body",
+                "q_structure", "q_focus", "q_colour", "q_foliage", "face_score", "body_score",
                 "straight_edges", "in_focus", "colourfulness", "foliage", "pred_vit"]:
         assert df[col].notna().all(), col
     assert (df["q_structure"] == -df["straight_edges"]).all()  # the detector's measure, sign flipped

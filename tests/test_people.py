@@ -78,5 +78,5 @@ def test_tensorflows_own_interpreter_gives_the_same_scores_as_litert(monkeypatch
     image = scene.thumbnail(PORTRAIT)
     litert = people.person_scores(image)
     monkeypatch.setattr(people, "_local", threading.local())  # fresh interpreters, from TensorFlow's class
-    monkeypatch.setattr(people, "_interpreter_class", lambda: tf.lite.Interpreter)
+    monkeypatch.setattr(people, "interpreter_class", lambda: tf.lite.Interpreter)
     assert people.person_scores(image) == pytest.approx(litert, abs=1e-4)
