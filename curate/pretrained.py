@@ -186,8 +186,11 @@ _converted_in_this_process: dict[str, bytes] = {}
 
 
 def user_cache_dir() -> Path:
-    """Where the converted network is kept between processes: $XDG_CACHE_HOME/curate or ~/.cache/curate."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "curate"
+    """Where the converted network is kept between processes: the trainer's cache root, $CURATE_CACHE or
+    ~/.cache/curate (train.data.cache_root)."""
+    from train.data import cache_root
+
+    return cache_root()
 
 
 def _decode(path: Path) -> np.ndarray:

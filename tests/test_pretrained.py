@@ -92,7 +92,7 @@ def test_typicality_of_a_photo_alone_in_its_class_is_the_median():
 
 
 def test_embeddings_are_cached_resumed_and_redone_when_a_file_changes(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("CURATE_CACHE", str(tmp_path / "user_cache"))
     data = make_dataset(tmp_path / "data", 3, ["daisy", "roses"])
     run = tmp_path / "run"
     scan(data, out=run, progress=False)
@@ -144,9 +144,9 @@ def test_embeddings_are_cached_resumed_and_redone_when_a_file_changes(tmp_path, 
     name = f"mobilenet_v2_v{pretrained.EMBEDDING_VERSION}.tflite"
     assert (other / "cache" / name).is_file()
     # ... and another process finds it in the user's cache, and needs neither TensorFlow nor the Keras model
-    assert (tmp_path / "xdg" / "curate" / name).is_file()
+    assert (tmp_path / "user_cache" / name).is_file()
     monkeypatch.setattr(pretrained, "_converted_in_this_process", {})
     monkeypatch.setattr(pretrained, "load_mobilenet_v2", lambda: pytest.fail("built the Keras model"))
     third = tmp_path / "third_run"
     assert pretrained.embeddings(third, data, manifest.head(2)).shape == (2, pretrained.WIDTH)
-    assert (third / "cache" / name).read_bytes() == (tmp_path / "xdg" / "curate" / name).read_bytes()
+    assert (third / "cache" / name).read_bytes() == (tmp_path / "user_cache" / name).read_bytes()

@@ -35,7 +35,8 @@ SPLITS = ("train", "val", "test")
 
 
 def cache_root() -> Path:
-    """Where resized images are cached: $CURATE_CACHE, else ~/.cache/curate."""
+    """Where resized images (and curate.pretrained's converted network) are cached: $CURATE_CACHE, else
+    ~/.cache/curate."""
     return Path(os.environ.get("CURATE_CACHE") or Path.home() / ".cache" / "curate")
 
 
