@@ -37,11 +37,12 @@ GRID_STATE_JS = """JSON.stringify(Array.from(document.querySelectorAll('[data-cy
     (t.querySelector('[data-cy="tag-ground_truth"]') || {}).textContent || ""]))"""
 
 
-def grid_of(url: str, profile: Path, ready, timeout: float, screenshot: Path | None = None,
-            before_screenshot_js: str | None = None) -> tuple[list, str]:
-    """Open `url` in headless Chromium, poll GRID_STATE_JS until `ready(state)` or `timeout`; return (state, DOM).
+def grid_of(url: str, profile: Path, ready, timeout: float, screenshot: Path | None = None) -> tuple[list, str, str]:
+    """Open `url` in headless Chromium, poll until `ready(state, dom)` or `timeout`; return (state, DOM, visible text).
 
-    It waits in real time for what the page shows, polling once a second.
+    `state` is GRID_STATE_JS's value, `dom` the page's HTML at that moment. It waits in real time for
+    what the page shows, polling once a second: on a loaded machine the grid may be complete before
+    the view bar is.
     """
     deadline = time.monotonic() + timeout
     with chromium_page(profile) as page:
@@ -51,18 +52,19 @@ def grid_of(url: str, profile: Path, ready, timeout: float, screenshot: Path | N
         while time.monotonic() < deadline:
             value = page.call("Runtime.evaluate", {"expression": GRID_STATE_JS, "returnByValue": True})
             state = json.loads(value["result"].get("value") or "[]")
-            if ready(state):
+            if ready(state, evaluate(page, "document.documentElement.outerHTML")):
                 break
             time.sleep(1)
-        if before_screenshot_js:
-            page.call("Runtime.evaluate", {"expression": before_screenshot_js})
         time.sleep(1)  # let the last tiles paint before the screenshot
         if screenshot is not None:
             png = page.call("Page.captureScreenshot", {"format": "png"})["data"]
             screenshot.write_bytes(base64.b64decode(png))
-        dom = page.call("Runtime.evaluate", {"expression": "document.documentElement.outerHTML",
-                                             "returnByValue": True})["result"]["value"]
-        return state, dom
+        return state, evaluate(page, "document.documentElement.outerHTML"), evaluate(page, "document.body.innerText")
+
+
+def evaluate(page, expression: str) -> str:
+    """The string value of a JavaScript expression in the page."""
+    return page.call("Runtime.evaluate", {"expression": expression, "returnByValue": True})["result"].get("value") or ""
 
 
 @pytest.fixture
@@ -124,11 +126,14 @@ def test_app_shows_off_class_candidates_worst_first_in_chromium(app_server, tmp_
 
     expected = manifest[manifest["flags"].str.contains("off_class|outlier")].sort_values("label_quality")
     shot = tmp_path / "app_off_class_candidates.png"
-    state, dom = grid_of(url, tmp_path / "profile", timeout=240, screenshot=shot,
-                               ready=lambda tiles: len(tiles) == len(expected) and all(d for d, _ in tiles))
+    state, dom, text = grid_of(
+        url, tmp_path / "profile", timeout=240, screenshot=shot,
+        ready=lambda tiles, dom: len(tiles) == len(expected) and all(d for d, _ in tiles)
+        and "off_class_candidates" in dom)
     assert len(state) == len(expected) and all(drawn for drawn, _ in state), f"grid never drew its photos: {state}"
     assert [label for _, label in state] == expected["label"].tolist()  # worst (lowest label_quality) first
-    assert "off_class_candidates" in dom  # the saved view is the one selected
+    # the saved view is the one selected in the view bar
+    assert "off_class_candidates" in dom, f"view bar never named the saved view; the page read:\n{text[:2000]}"
     assert "Help us improve FiftyOne" not in dom and "btn-disable-cookies" not in dom  # no analytics banner
 
     img = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
