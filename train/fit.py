@@ -121,7 +121,7 @@ def _optimizer(p: Preset, steps_per_epoch: int, epochs: int):
 
 def compile_model(model: keras.Model, p: Preset, steps_per_epoch: int, epochs: int,
                   steps_per_execution: int = 8) -> keras.Model:
-    """Compile with the preset's optimiser, schedule, loss (label smoothing) and an `acc` metric.
+    """Compile with the preset's optimiser, schedule, loss (label smoothing), an `acc` metric and run_eagerly.
 
     steps_per_execution runs several train steps per compiled call, so Python's per-step overhead does not
     throttle small models (same updates, same schedule; batch-level callbacks just fire less often).
@@ -130,7 +130,7 @@ def compile_model(model: keras.Model, p: Preset, steps_per_epoch: int, epochs: i
     model.compile(optimizer=_optimizer(p, steps_per_epoch, epochs),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=p.label_smoothing),
                   metrics=[keras.metrics.CategoricalAccuracy(name="acc")],
-                  steps_per_execution=max(1, min(steps_per_execution, steps_per_epoch)))
+                  steps_per_execution=max(1, min(steps_per_execution, steps_per_epoch)), run_eagerly=p.run_eagerly)
     return model
 
 
