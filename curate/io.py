@@ -144,6 +144,14 @@ HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 DECODE_VERSION = 2
 
 
+def photo_cache_keys(manifest: pd.DataFrame, version: str) -> pd.Series:
+    """Each row's key in a per-photo cache (scene measures, pretrained embeddings): its path, its content hash
+    (scan's sha256 column, when the manifest has one) and `version`, which names what was computed and how the
+    pixels were decoded; so an edited photo or a changed measure is computed again, never reused."""
+    content = manifest["sha256"].astype(str) if "sha256" in manifest.columns else ""
+    return manifest["filepath"].astype(str) + "|" + content + version
+
+
 def sensor_range(pixels: np.ndarray, mode: str) -> float:
     """The value that stands for white in a 16-bit, 32-bit or float image.
 

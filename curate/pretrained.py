@@ -38,6 +38,7 @@ from curate.io import (
     atomic_write_bytes,
     native_stderr_silenced,
     open_upright,
+    photo_cache_keys,
     safe_relpath,
 )
 
@@ -208,8 +209,7 @@ def embeddings(run_dir: Path, data_root: Path, manifest: pd.DataFrame, progress:
 
     cache_path = Path(run_dir) / "cache" / "mobilenet_v2.npz"
     version = f"|v{EMBEDDING_VERSION}.d{DECODE_VERSION}"
-    key = manifest["filepath"].astype(str) + "|" + (
-        manifest["sha256"].astype(str) if "sha256" in manifest.columns else "") + version
+    key = photo_cache_keys(manifest, version)
     known: dict[str, np.ndarray] = {}
     if cache_path.exists():
         try:

@@ -54,7 +54,7 @@ import pandas as pd
 from PIL import Image
 
 from curate import people
-from curate.io import DECODE_VERSION, atomic_write_csv, open_upright, safe_relpath
+from curate.io import DECODE_VERSION, atomic_write_csv, open_upright, photo_cache_keys, safe_relpath
 
 log = logging.getLogger("curate.scene")
 
@@ -198,8 +198,7 @@ def measure(run_dir: Path, data_root: Path, manifest: pd.DataFrame, progress: bo
     if not with_people:
         log.warning("no TFLite interpreter (tensorflow or ai_edge_litert): face_score and body_score "
                     "are not measured")
-    key = manifest["filepath"].astype(str) + "|" + (
-        manifest["sha256"].astype(str) if "sha256" in manifest.columns else "") + version
+    key = photo_cache_keys(manifest, version)
     cached = pd.read_csv(cache_path, keep_default_na=False) if cache_path.exists() else pd.DataFrame()
     if not set(SCENE_COLUMNS) <= set(cached.columns):  # no cache, or written before a measure was added
         cached = pd.DataFrame(columns=["key", *SCENE_COLUMNS])
