@@ -17,7 +17,7 @@ shallow depth of field), `q_colour` (less colourful than the class's other photo
 the frame green than the class's other photos: no leaves, stems or grass), which catch coherent off-class
 groups the models learn as the class (portraits, parades, buildings, landscapes, cakes and teacups with
 roses on them). And `q_typical`: the photo's mean similarity to the 30 most similar photos of its folder, in
-the embeddings of an ImageNet-pretrained MobileNetV2 bundled with curate (curate.pretrained), a network that
+the bottleneck features of an ImageNet-pretrained MobileNetV2 bundled with curate (curate.pretrained), a network that
 has seen a thousand kinds of things, where the K-fold ViT has seen only the folders; it weighs as much as
 all the other components together (bench/flag_eval.py: AP 0.606 -> 0.73 with the look-alikes found there).
 All are combined by a weighted mean of their within-run percentile ranks into the photo's own score,
@@ -502,7 +502,7 @@ def choose_flags(s: dict, cfg: FlagConfig, max_fraction: float | None = None) ->
 def flag(run: str | Path | None, folds: int = 5, embeddings: str | None = None, fast: bool = False,
          progress: bool = True, config: FlagConfig | None = None) -> Path:
     """Score the run's manifest; write manifest.csv (flag columns), oof_<model>.npy, embeddings.npy, clusters.csv
-    and, with the pretrained network, embeddings_pretrained.npy.
+    and, with the pretrained network, embeddings_pretrained.npy (its last convolution's features).
 
     `embeddings`: None (own ViT K-fold; cheap features with `fast`), 'vit', 'features', or 'keras:<Name>'.
     Returns the run folder.
@@ -562,13 +562,17 @@ def flag(run: str | Path | None, folds: int = 5, embeddings: str | None = None, 
                 certainty = scene.detected(scene_measures["face_score"], cfg.sure_face) * ~of_people[labels]
         # look-alikes by the cheap features: bench/flag_eval.py measured them better for this than the ViT's
         # embeddings (AP 0.46 vs 0.41), which are not comparable across folds anyway; better still by the
-        # pretrained network's, which also say how like the rest of its folder a photo looks
+        # pretrained network's last convolution; its bottleneck says how like the rest of its folder a photo
+        # looks (bench/flag_eval.py, --fast: AP 0.750 so, 0.731 with both from the last convolution, 0.728
+        # with both from the bottleneck)
         lookalike_space = feats.embeddings
         if cfg.pretrained:
             from curate import pretrained
 
-            lookalike_space = pretrained.embeddings(run_dir, data_root, good, progress=progress)
-            extra["q_typical"] = typicality_quality(lookalike_space, labels, cfg.typical_k)
+            general = pretrained.embeddings(run_dir, data_root, good, progress=progress)
+            lookalike_space = pretrained.last_conv_features(general)
+            extra["q_typical"] = typicality_quality(pretrained.bottleneck_features(general), labels,
+                                                    cfg.typical_k)
         score_cfg = dataclasses.replace(cfg, weights=cfg.fast_weights) if rep.name == "features" else cfg
 
         def score_with(rep) -> dict:

@@ -224,20 +224,22 @@ def test_flag_fast_end_to_end_on_real_photos(small_dataset, tmp_path):
                                atol=5e-5)
     assert not np.allclose(alone["label_quality"], scored["label_quality"])
 
-    # q_typical: similarity to the most similar photos of the same folder, in the pretrained network's embeddings
-    # (cached in the run), which are also where the look-alikes come from
+    # q_typical: similarity to the most similar photos of the same folder, in the pretrained network's bottleneck
+    # features (cached in the run); the look-alikes come from its last convolution's
     from curate import pretrained
 
     good = scored.reset_index(drop=True)
     general = pretrained.embeddings(run, small_dataset, good)
     y = good["label"].map({c: i for i, c in enumerate(sorted(set(good["label"])))}).to_numpy()
-    np.testing.assert_allclose(good["q_typical"], L.typicality_quality(general, y, L.FlagConfig().typical_k),
-                               atol=1e-5)
-    lookalike = L.lookalike_quality(general, y, 2 * good["label_quality"] - good["lookalike_quality"], 5)
+    typical = L.typicality_quality(pretrained.bottleneck_features(general), y, L.FlagConfig().typical_k)
+    np.testing.assert_allclose(good["q_typical"], typical, atol=1e-5)
+    assert not np.allclose(typical, L.typicality_quality(pretrained.last_conv_features(general), y, 30), atol=1e-3)
+    last_conv = pretrained.last_conv_features(general)
+    lookalike = L.lookalike_quality(last_conv, y, 2 * good["label_quality"] - good["lookalike_quality"], 5)
     np.testing.assert_allclose(good["lookalike_quality"], lookalike, atol=5e-5)
     # ... and what the App's map is drawn from: one space for every photo (error rows zero)
     written = np.load(run / "embeddings_pretrained.npy")
-    np.testing.assert_allclose(written[(df["error"] == "").to_numpy()], general, atol=1e-6)
+    np.testing.assert_allclose(written[(df["error"] == "").to_numpy()], last_conv, atol=1e-6)
     assert not written[(df["error"] != "").to_numpy()].any()
     L.flag(run, folds=3, fast=True, progress=False, config=L.FlagConfig(pretrained=False))
     plain = read_manifest(run / "manifest.csv")

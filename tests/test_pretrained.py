@@ -49,7 +49,11 @@ def test_it_tells_real_flower_classes_apart_better_than_the_cheap_features(model
     labels = np.array([p.parent.name for p in paths])
     images = np.stack([pretrained._decode(p) for p in paths])
     emb = pretrained.embed_images(model.predict_on_batch, images)
+    # unit length, each of the two parts half of it
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    for part in (pretrained.bottleneck_features(emb), pretrained.last_conv_features(emb)):
+        np.testing.assert_allclose(np.linalg.norm(part, axis=1), np.sqrt(0.5), atol=1e-5)
+    assert pretrained.bottleneck_features(emb).shape[1] + pretrained.last_conv_features(emb).shape[1] == emb.shape[1]
     # a photo and its mirror image are nearly the same photo to it; two photos of the same class are not
     mirrored = pretrained.embed_images(model.predict_on_batch, images[:3, :, ::-1])
     assert ((mirrored * emb[:3]).sum(1) > 0.9).all() and emb[0] @ emb[1] < 0.9
@@ -78,8 +82,9 @@ def test_a_sunflower_field_filed_with_daisies_is_among_the_least_typical_daisies
     shutil.copyfile(real_photos(1, ["sunflowers"])[0], data / "daisy" / "stray.jpg")  # a field of sunflowers
     paths = sorted((data / "daisy").glob("*.jpg"))
     emb = pretrained.embed_images(model.predict_on_batch, np.stack([pretrained._decode(p) for p in paths]))
-    typical = L.typicality_quality(emb, np.zeros(len(paths), int), k=5)
-    # measured: third of the 11; the two below it are daisies in a braid of hair and on a lawn beside legs
+    typical = L.typicality_quality(pretrained.bottleneck_features(emb), np.zeros(len(paths), int), k=5)
+    # measured: third of the 11 (by the last convolution's features too); the two below it are daisies in a
+    # braid of hair and on a lawn beside legs
     order = [paths[i].name for i in np.argsort(typical)]
     assert "stray.jpg" in order[:3]
 
