@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "'keras:<keras.applications name>' (pretrained ImageNet weights), or 'features'")
     p.add_argument("--fast", action="store_true",
                    help="no K-fold ViT: cheap features, the scene measures and the bundled pretrained network; "
-                   "about 2 minutes for 3,000 photos on 2 cores (the full mode about 25), and on flower_photos "
+                   "about 2 minutes for 3,000 photos on 2 cores (the full mode 25-40), and on flower_photos "
                    "as accurate (docs/flagging.md)")
     p.add_argument("--no-scene", action="store_true",
                    help="leave out the scene measures: people, straight edges, depth of field, colour, "

@@ -19,7 +19,8 @@ groups the models learn as the class (portraits, parades, buildings, landscapes,
 roses on them). And `q_typical`: the photo's mean similarity to the 30 most similar photos of its folder, in
 the bottleneck features of an ImageNet-pretrained MobileNetV2 bundled with curate (curate.pretrained), a network that
 has seen a thousand kinds of things, where the K-fold ViT has seen only the folders; it weighs as much as
-all the other components together (bench/flag_eval.py: AP 0.606 -> 0.73 with the look-alikes found there).
+all the other components together (bench/flag_eval.py: AP 0.606 -> 0.75 with the look-alikes found in its
+last convolution).
 All are combined by a weighted mean of their within-run percentile ranks into the photo's own score,
 and `label_quality` (0..1) is half that and half `lookalike_quality`, the mean own score of its five
 closest look-alikes in the same folder (by the pretrained network's embeddings; with
