@@ -97,7 +97,8 @@ class FlagConfig:
     # q_foliage (less green than the class) at 0.5/1/1.5/2.5: .595/.601/.603/.600 on the shipped folds,
     # .589/.595/.599/.600 on a second seed's (without it .586 and .578); full re-flag at 1.5: .606 and .584
     # q_typical (unlike the rest of its folder to the pretrained network; look-alikes found there too) weighs as
-    # much as all the others together: at 4/6/8/12/16/24 .702/.713/.722/.730/.734/.734 (folds fixed; .606 without)
+    # much as all the others together: at 4/6/8/12/16/24 .702/.713/.722/.730/.734/.734 (folds fixed; .606 without;
+    # from the last convolution; from the bottleneck, as now, at 8/12/16/24/32 .728/.739/.745/.751/.753)
     weights: dict[str, float] = field(default_factory=lambda: {
         "q_cleanlab": 2.0, "q_knn": 2.0, "q_cluster": 2.0, "q_confidence": 1.0, "q_features": 1.0,
         "q_face": 3.5, "q_body": 3.5, "q_structure": 2.5, "q_focus": 2.5, "q_colour": 2.5, "q_foliage": 1.5,
@@ -108,6 +109,7 @@ class FlagConfig:
     # and edges, ~0.35 with all four), the person detectors 1.4 times that (AP at 0.5/0.7/1.0: .472/.484/.493);
     # q_foliage at 0.3/0.4/0.5/0.7: .528/.529/.527/.519 (.515 without it)
     # q_typical as much as all the others together here too: at 2/3/4/6/8/12 .722/.729/.732/.733/.732/.726
+    # (from the last convolution); from the bottleneck, as now, at 3/4.4/6/8/12 .742/.750/.754/.755/.755
     fast_weights: dict[str, float] = field(default_factory=lambda: {
         "q_cluster": 1.0, "q_face": 0.7, "q_body": 0.7, "q_structure": 0.5, "q_focus": 0.5,
         "q_colour": 0.5, "q_foliage": 0.5, "q_typical": 4.4})
