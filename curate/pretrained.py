@@ -17,10 +17,10 @@ scaled by ImageNet's channel means and deviations. `keras.applications.MobileNet
 convolutions on one side only, so these weights give other features there (cosine 0.5 to these).
 
 It runs as a TFLite interpreter (LiteRT, as the person detectors do), converted from the Keras model once and
-kept in each run's cache and in `user_cache_dir()`: 3.6 times as fast as Keras's predict on 2 CPU cores
-(`tflite_predictor`). Embeddings are cached per run
-(`<run>/cache/mobilenet_v2.npz`, by file and content hash) and saved every CHUNK photos, so an interrupted run
-keeps what it computed.
+kept in each run's cache and in the trainer's cache root (`train.data.cache_root`): 3.6 times as fast as
+Keras's predict on 2 CPU cores (`tflite_predictor`). Photos are decoded and squashed as the trainer does
+(`train.data.decode_image`). Embeddings are cached per run (`<run>/cache/mobilenet_v2.npz`, by file and
+content hash) and saved every CHUNK photos, so an interrupted run keeps what it computed.
 """
 
 from __future__ import annotations
@@ -34,17 +34,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from curate.io import (
     DECODE_VERSION,
     atomic_path,
     atomic_write_bytes,
     native_stderr_silenced,
-    open_upright,
     photo_cache_keys,
     safe_relpath,
 )
+from curate.labels import l2_normalise
+from train.data import cache_root, decode_image
 
 log = logging.getLogger("curate.pretrained")
 
@@ -186,12 +186,8 @@ def embed_images(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray
         x = (images[start:start + batch_size].astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
         out.append(np.asarray(predict(x), dtype=np.float32))
     e = np.concatenate(out) if out else np.zeros((0, WIDTH), np.float32)
-    parts = [_unit(bottleneck_features(e)), _unit(last_conv_features(e))]
+    parts = [l2_normalise(bottleneck_features(e)), l2_normalise(last_conv_features(e))]
     return np.concatenate(parts, axis=1) / np.sqrt(2.0)
-
-
-def _unit(e: np.ndarray) -> np.ndarray:
-    return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
 
 
 def bottleneck_features(embeddings: np.ndarray) -> np.ndarray:
@@ -207,21 +203,9 @@ def last_conv_features(embeddings: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- every photo of a run, cached
 
 # the bundled network as converted to TFLite, by file name: a process that flags several runs (`curate run`, the
-# tests) converts it once (13 s), not once per run; and other processes find it in user_cache_dir()
+# tests) converts it once (13 s), not once per run; and other processes find it in the trainer's cache root
+# ($CURATE_CACHE or ~/.cache/curate)
 _converted_in_this_process: dict[str, bytes] = {}
-
-
-def user_cache_dir() -> Path:
-    """Where the converted network is kept between processes: the trainer's cache root, $CURATE_CACHE or
-    ~/.cache/curate (train.data.cache_root)."""
-    from train.data import cache_root
-
-    return cache_root()
-
-
-def _decode(path: Path) -> np.ndarray:
-    return np.asarray(open_upright(path, draft=INPUT_SIZE).resize((INPUT_SIZE, INPUT_SIZE), Image.BILINEAR),
-                      dtype=np.uint8)
 
 
 def embeddings(run_dir: Path, data_root: Path, manifest: pd.DataFrame, progress: bool = False) -> np.ndarray:
@@ -245,7 +229,7 @@ def embeddings(run_dir: Path, data_root: Path, manifest: pd.DataFrame, progress:
     todo = [i for i, k in enumerate(key) if k not in known]
     if todo:
         converted = cache_path.with_name(f"mobilenet_v2_v{EMBEDDING_VERSION}.tflite")
-        shared = user_cache_dir() / converted.name
+        shared = cache_root() / converted.name
         if not converted.exists():
             flatbuffer = _converted_in_this_process.get(converted.name)
             if flatbuffer is None and shared.is_file():
@@ -269,7 +253,7 @@ def embeddings(run_dir: Path, data_root: Path, manifest: pd.DataFrame, progress:
         def one(i: int) -> np.ndarray:
             fp = manifest["filepath"].iloc[i]
             try:
-                return _decode(safe_relpath(data_root, fp))
+                return decode_image(safe_relpath(data_root, fp), INPUT_SIZE)  # squashed, as the trainer does
             except (OSError, ValueError) as exc:
                 log.warning("%s: cannot decode for the pretrained embedding (%s); embedded as a black image", fp, exc)
                 return np.zeros((INPUT_SIZE, INPUT_SIZE, 3), np.uint8)

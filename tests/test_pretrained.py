@@ -14,6 +14,7 @@ from curate import labels as L
 from curate import pretrained
 from curate.embed import cheap_features
 from curate.scan import scan
+from train.data import decode_image
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def test_it_tells_real_flower_classes_apart_better_than_the_cheap_features(model
     # 0.725 with the bundled weights, 0.375 with the same network untrained, 0.50 with the cheap features
     paths = real_photos(8)
     labels = np.array([p.parent.name for p in paths])
-    images = np.stack([pretrained._decode(p) for p in paths])
+    images = np.stack([decode_image(p, pretrained.INPUT_SIZE) for p in paths])
     emb = pretrained.embed_images(model.predict_on_batch, images)
     # unit length, each of the two parts half of it
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
@@ -64,7 +65,7 @@ def test_it_tells_real_flower_classes_apart_better_than_the_cheap_features(model
 
 
 def test_the_tflite_interpreter_gives_what_keras_gives(tmp_path, model):
-    images = np.stack([pretrained._decode(p) for p in real_photos(2)])
+    images = np.stack([decode_image(p, pretrained.INPUT_SIZE) for p in real_photos(2)])
     path = tmp_path / "mobilenet_v2.tflite"
     predict = pretrained.tflite_predictor(model, path)
     assert predict is not None and path.stat().st_size > 8_000_000  # float32 weights inside
@@ -81,7 +82,8 @@ def test_a_sunflower_field_filed_with_daisies_is_among_the_least_typical_daisies
     data = make_dataset(tmp_path / "data", 10, ["daisy"])
     shutil.copyfile(real_photos(1, ["sunflowers"])[0], data / "daisy" / "stray.jpg")  # a field of sunflowers
     paths = sorted((data / "daisy").glob("*.jpg"))
-    emb = pretrained.embed_images(model.predict_on_batch, np.stack([pretrained._decode(p) for p in paths]))
+    images = np.stack([decode_image(p, pretrained.INPUT_SIZE) for p in paths])
+    emb = pretrained.embed_images(model.predict_on_batch, images)
     typical = L.typicality_quality(pretrained.bottleneck_features(emb), np.zeros(len(paths), int), k=5)
     # measured: third of the 11 (by the last convolution's features too); the two below it are daisies in a
     # braid of hair and on a lawn beside legs
