@@ -10,6 +10,7 @@ A benchmark that fails is reported as failed and the others still run.
   scan       bench/scan_bench.py: curate scan vs a plain imagehash loop and vs the reduced-decode floor
   dup        bench/dup_bench.py: near-duplicate index (multi-index hashing) at 10k/100k(/1M) hashes
   merge      bench/merge_bench.py: the scan's dataset-level steps per row (synthetic manifests of 100k(/1M) rows)
+  cache      bench/cache_bench.py: flag's per-photo caches saved as a journal vs rewritten after every chunk
   dask       bench/dask_bench.py: --engine dask vs --engine local on the same data
   flag       `curate scan` + `curate flag --fast` on the data (timed), then bench/flag_eval.py on the result
   fiftyone   bench/fiftyone_bench.py on that flagged run folder
@@ -195,6 +196,17 @@ def bench_merge(args, ctx: dict) -> Step:
     return step
 
 
+def bench_cache(args, ctx: dict) -> Step:
+    step = Step("cache")
+    sizes = ["3000"] if args.quick else ["3000", "20000"]
+    out = run_command([PYTHON, str(BENCH / "cache_bench.py"), "--sizes", *sizes,
+                       "--repeats", "1" if args.quick else "3"], step)
+    for m in re.finditer(r"^n=(\d+) ratio rewrite/journal: time ([\d.]+)x, bytes ([\d.]+)x$", out, re.MULTILINE):
+        step.add(f"rewrite / journal, {int(m.group(1)):,} embeddings", float(m.group(2)), "x",
+                 f"bytes written {m.group(3)}x")
+    return step
+
+
 def bench_flag(args, ctx: dict) -> Step:
     step = Step("flag")
     run = Path(ctx["tmp"]) / "run"
@@ -264,7 +276,7 @@ def bench_train(args, ctx: dict) -> Step:
     return step
 
 
-KNOWN_SCRIPTS = {"scan_bench.py", "dup_bench.py", "merge_bench.py", "dask_bench.py", "flag_eval.py",
+KNOWN_SCRIPTS = {"scan_bench.py", "dup_bench.py", "merge_bench.py", "cache_bench.py", "dask_bench.py", "flag_eval.py",
                  "fiftyone_bench.py", "train_bench.py", "run.py", "__main__.py", "__init__.py"}
 # scripts this suite leaves to a person, and why
 BY_HAND = {"flag_ablation.py": "needs a full `curate flag` run folder (K-fold ViT, ~17 min): "
@@ -283,7 +295,8 @@ def bench_others(args, ctx: dict) -> Step:
 
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace, dict], Step]] = {
-    "scan": bench_scan, "dup": bench_dup, "merge": bench_merge, "dask": bench_dask, "flag": bench_flag,
+    "scan": bench_scan, "dup": bench_dup, "merge": bench_merge, "cache": bench_cache, "dask": bench_dask,
+    "flag": bench_flag,
     "fiftyone": bench_fiftyone, "train": bench_train, "others": bench_others,
 }
 

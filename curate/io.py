@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import json
 import math
@@ -150,6 +151,60 @@ def photo_cache_keys(manifest: pd.DataFrame, version: str) -> pd.Series:
     pixels were decoded; so an edited photo or a changed measure is computed again, never reused."""
     content = manifest["sha256"].astype(str) if "sha256" in manifest.columns else ""
     return manifest["filepath"].astype(str) + "|" + content + version
+
+
+# A per-photo cache (scene measures, pretrained embeddings) is one file plus a journal of parts beside it
+# (`scene.csv.part-00000`, ...): each chunk of newly computed photos is written once, as a new part, and the
+# parts are merged into the file when the stage finishes. Rewriting the whole file after every chunk, as
+# before, wrote O(N^2) bytes: bench/cache_bench.py measures both.
+_PART = ".part-"
+
+
+def journal_parts(path: str | os.PathLike) -> list[Path]:
+    """The journal parts of the per-photo cache at `path`, oldest first."""
+    path = Path(path)
+    return sorted(path.parent.glob(f"{glob.escape(path.name)}{_PART}[0-9]*"))
+
+
+def read_journaled(path: str | os.PathLike, read: Callable[[Path], dict[str, Any]],
+                   warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Everything cached at `path` and in its journal parts (a later part wins), each file read by `read`
+    (file -> {key: value}). A file `read` cannot read is skipped, and `warn` is told its name and why:
+    what it held is computed again."""
+    known: dict[str, Any] = {}
+    path = Path(path)
+    for file in ([path] if path.exists() else []) + journal_parts(path):
+        try:
+            known.update(read(file))
+        except (OSError, ValueError, KeyError) as exc:
+            if warn:
+                warn(f"{file}: unreadable ({exc}); what it held is computed again")
+    return known
+
+
+def append_journal(path: str | os.PathLike, rows: dict[str, Any],
+                   write: Callable[[Path, dict[str, Any]], None]) -> Path:
+    """Write `rows` as the next journal part of the cache at `path` (atomically), by `write`."""
+    parts = journal_parts(path)
+    number = int(parts[-1].name.rsplit(_PART, 1)[1]) + 1 if parts else 0
+    part = Path(path).with_name(f"{Path(path).name}{_PART}{number:05d}")
+    with atomic_path(part) as tmp:
+        write(tmp, rows)
+    return part
+
+
+def compact_journal(path: str | os.PathLike, known: dict[str, Any],
+                    write: Callable[[Path, dict[str, Any]], None]) -> None:
+    """Merge the journal into the cache file: write `known` (all that `read_journaled` read, plus what was
+    computed since) to `path`, then delete the parts. Nothing to do without parts. Interrupted between the
+    two, the parts are read again next time and hold the same values."""
+    parts = journal_parts(path)
+    if not parts:
+        return
+    with atomic_path(path) as tmp:
+        write(tmp, known)
+    for part in parts:
+        part.unlink(missing_ok=True)
 
 
 def sensor_range(pixels: np.ndarray, mode: str) -> float:

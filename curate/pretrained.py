@@ -20,7 +20,8 @@ It runs as a TFLite interpreter (LiteRT, as the person detectors do), converted 
 kept in each run's cache and in the trainer's cache root (`train.data.cache_root`): 3.6 times as fast as
 Keras's predict on 2 CPU cores (`tflite_predictor`). Photos are decoded and squashed as the trainer does
 (`train.data.decode_image`). Embeddings are cached per run (`<run>/cache/mobilenet_v2.npz`, by file and
-content hash) and saved every CHUNK photos, so an interrupted run keeps what it computed.
+content hash); every CHUNK photos the new ones are saved as a journal part beside it (`curate.io.append_journal`),
+so an interrupted run keeps what it computed, and the parts are merged into the file at the end.
 """
 
 from __future__ import annotations
@@ -37,10 +38,12 @@ import pandas as pd
 
 from curate.io import (
     DECODE_VERSION,
-    atomic_path,
+    append_journal,
     atomic_write_bytes,
+    compact_journal,
     native_stderr_silenced,
     photo_cache_keys,
+    read_journaled,
     safe_relpath,
 )
 from curate.labels import l2_normalise
@@ -219,13 +222,7 @@ def embeddings(run_dir: Path, data_root: Path, manifest: pd.DataFrame, progress:
     cache_path = Path(run_dir) / "cache" / "mobilenet_v2.npz"
     version = f"|v{EMBEDDING_VERSION}.d{DECODE_VERSION}"
     key = photo_cache_keys(manifest, version)
-    known: dict[str, np.ndarray] = {}
-    if cache_path.exists():
-        try:
-            with np.load(cache_path) as cached:
-                known = dict(zip(cached["keys"].tolist(), cached["embeddings"], strict=True))
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("%s: unreadable (%s); embedding every photo again", cache_path, exc)
+    known = read_journaled(cache_path, _read, log.warning)
     todo = [i for i, k in enumerate(key) if k not in known]
     if todo:
         converted = cache_path.with_name(f"mobilenet_v2_v{EMBEDDING_VERSION}.tflite")
@@ -266,12 +263,18 @@ def embeddings(run_dir: Path, data_root: Path, manifest: pd.DataFrame, progress:
                 for i, e in zip(chunk, embed_images(predict, images), strict=True):
                     known[key.iloc[i]] = e
                 bar.update(len(chunk))
-                _save(cache_path, known)  # after each chunk: an interrupted run keeps what it computed
+                # after each chunk: an interrupted run keeps what it computed
+                append_journal(cache_path, {key.iloc[i]: known[key.iloc[i]] for i in chunk}, _write)
         bar.close()
+    compact_journal(cache_path, known, _write)
     return np.stack([known[k] for k in key]) if len(key) else np.zeros((0, WIDTH), np.float32)
 
 
-def _save(path: Path, known: dict[str, np.ndarray]) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, keys=np.array(list(known), dtype=str), embeddings=np.stack(list(known.values())))
+def _read(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as cached:
+        return dict(zip(cached["keys"].tolist(), cached["embeddings"], strict=True))
+
+
+def _write(path: Path, rows: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, keys=np.array(list(rows), dtype=str), embeddings=np.stack(list(rows.values())))

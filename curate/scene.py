@@ -54,7 +54,15 @@ import pandas as pd
 from PIL import Image
 
 from curate import people
-from curate.io import DECODE_VERSION, atomic_write_csv, open_upright, photo_cache_keys, safe_relpath
+from curate.io import (
+    DECODE_VERSION,
+    append_journal,
+    compact_journal,
+    open_upright,
+    photo_cache_keys,
+    read_journaled,
+    safe_relpath,
+)
 
 log = logging.getLogger("curate.scene")
 
@@ -199,12 +207,8 @@ def measure(run_dir: Path, data_root: Path, manifest: pd.DataFrame, progress: bo
         log.warning("no TFLite interpreter (tensorflow or ai_edge_litert): face_score and body_score "
                     "are not measured")
     key = photo_cache_keys(manifest, version)
-    cached = pd.read_csv(cache_path, keep_default_na=False) if cache_path.exists() else pd.DataFrame()
-    if not set(SCENE_COLUMNS) <= set(cached.columns):  # no cache, or written before a measure was added
-        cached = pd.DataFrame(columns=["key", *SCENE_COLUMNS])
     # values measured by an earlier definition of the measures are dropped, not reused
-    cached = cached[cached["key"].astype(str).str.endswith(version)]
-    known = dict(zip(cached["key"], cached[SCENE_COLUMNS].to_dict("records"), strict=True))
+    known = {k: v for k, v in read_journaled(cache_path, _read, log.warning).items() if k.endswith(version)}
     todo = [i for i, k in enumerate(key) if k not in known]
 
     def one(i: int) -> dict[str, float]:
@@ -225,9 +229,21 @@ def measure(run_dir: Path, data_root: Path, manifest: pd.DataFrame, progress: bo
                 known[key.iloc[i]] = row
                 bar.update(1)
             # saved after each chunk: an interrupted run keeps what it measured
-            atomic_write_csv(cache_path, pd.DataFrame([{"key": k, **v} for k, v in known.items()]))
+            append_journal(cache_path, {key.iloc[i]: known[key.iloc[i]] for i in chunk}, _write)
     bar.close()
+    compact_journal(cache_path, known, _write)
     return pd.DataFrame([known[k] for k in key], columns=SCENE_COLUMNS)
+
+
+def _read(path: Path) -> dict[str, dict[str, float]]:
+    cached = pd.read_csv(path, keep_default_na=False)
+    if not set(SCENE_COLUMNS) <= set(cached.columns):  # written before a measure was added: measured again
+        return {}
+    return dict(zip(cached["key"].astype(str), cached[SCENE_COLUMNS].to_dict("records"), strict=True))
+
+
+def _write(path: Path, rows: dict[str, dict[str, float]]) -> None:
+    pd.DataFrame([{"key": k, **v} for k, v in rows.items()], columns=["key", *SCENE_COLUMNS]).to_csv(path, index=False)
 
 
 def detected(scores: pd.Series | np.ndarray, threshold: float) -> np.ndarray:

@@ -13,6 +13,7 @@ from conftest import make_dataset, real_photos
 from curate import labels as L
 from curate import pretrained
 from curate.embed import cheap_features
+from curate.io import journal_parts
 from curate.scan import scan
 from train.data import decode_image
 
@@ -120,11 +121,23 @@ def test_embeddings_are_cached_resumed_and_redone_when_a_file_changes(tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         pretrained.embeddings(run, data, manifest)
     assert calls == [4, 2]
+    cache = run / "cache" / "mobilenet_v2.npz"  # the finished chunk was saved as a journal part
+    assert not cache.exists() and [p.name for p in journal_parts(cache)] == ["mobilenet_v2.npz.part-00000"]
     calls.clear()
     first = pretrained.embeddings(run, data, manifest)  # resumes: only the 2 photos not saved yet
     assert calls == [2] and first.shape == (6, pretrained.WIDTH)
+    assert cache.is_file() and journal_parts(cache) == []  # ... and merged the journal into one file
     calls.clear()
     assert np.array_equal(pretrained.embeddings(run, data, manifest), first) and calls == []
+    # a damaged journal part is named, and the photos it held are embedded again
+    (run / "cache" / "mobilenet_v2.npz.part-00007").write_bytes(b"cut short")
+    cache.unlink()
+    with caplog.at_level(logging.WARNING, logger="curate.pretrained"):
+        assert np.array_equal(pretrained.embeddings(run, data, manifest), first)
+    assert "mobilenet_v2.npz.part-00007: unreadable" in caplog.text
+    assert calls == [4, 2] and cache.is_file() and journal_parts(cache) == []
+    calls.clear()
+    caplog.clear()
     # another photo under the same name (its content hash changes) is embedded again, the others are not
     changed = manifest.assign(sha256=lambda d: d["sha256"].where(d.index != 0, "0" * 64))
     pretrained.embeddings(run, data, changed)

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from curate import scene
+from curate.io import journal_parts
 from tests.conftest import real_photos
 
 
@@ -176,8 +177,16 @@ def test_an_interrupted_measure_keeps_the_chunks_it_finished(tmp_path, monkeypat
     monkeypatch.setattr(scene, "measure_photo", stop_on_the_fifth)
     with pytest.raises(KeyboardInterrupt):
         scene.measure(tmp_path, SHARED, m)
-    cached = pd.read_csv(tmp_path / "cache" / "scene.csv")
-    assert len(cached) == 4  # two chunks of two were saved before the interruption
+    cache = tmp_path / "cache" / "scene.csv"
+    parts = journal_parts(cache)  # two chunks of two were saved, each once, before the interruption
+    assert [len(pd.read_csv(p)) for p in parts] == [2, 2] and not cache.exists()
+    seen.clear()
+    monkeypatch.setattr(scene, "measure_photo", lambda grey: seen.append(1) or real(grey))
+    resumed = scene.measure(tmp_path, SHARED, m)
+    assert len(seen) == len(m) - 4  # only what was not saved is measured again
+    # ... and the journal is merged into one file, which holds what an uninterrupted run would
+    assert journal_parts(cache) == [] and len(pd.read_csv(cache)) == len(m)
+    pd.testing.assert_frame_equal(resumed, scene.measure(tmp_path / "fresh", SHARED, m))
 
 
 def test_an_unreadable_photo_is_named_and_measured_empty(tmp_path, caplog):
