@@ -163,7 +163,8 @@ _PART = ".part-"
 def journal_parts(path: str | os.PathLike) -> list[Path]:
     """The journal parts of the per-photo cache at `path`, oldest first."""
     path = Path(path)
-    return sorted(path.parent.glob(f"{glob.escape(path.name)}{_PART}[0-9]*"))
+    numbered = [(p.name.rsplit(_PART, 1)[1], p) for p in path.parent.glob(f"{glob.escape(path.name)}{_PART}[0-9]*")]
+    return [p for _, p in sorted((int(n), p) for n, p in numbered if n.isdigit())]  # by number: 100000 after 99999
 
 
 def read_journaled(path: str | os.PathLike, read: Callable[[Path], dict[str, Any]],

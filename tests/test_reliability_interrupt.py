@@ -24,7 +24,7 @@ import pytest
 from badinputs import run_cli
 from conftest import make_dataset, tree_fingerprint
 
-from curate.io import run_lock
+from curate.io import append_journal, compact_journal, journal_parts, read_journaled, run_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ("manifest.csv", "duplicates.csv", "scan.json", "clusters.csv", "embeddings.npy", "oof_knn.npy")
@@ -257,3 +257,25 @@ def test_two_pipeline_runs_on_one_folder(small_dataset, tmp_path):
                               "-q"])
     assert rc == 2 and f"{tmp_path / 'r'}: another `curate run` is working in this folder" in err
     assert not (tmp_path / "r" / "manifest.csv").exists()
+
+
+def test_a_cache_journal_keeps_its_parts_in_order_past_five_digits(tmp_path):
+    """Parts are read oldest first and numbered on: part 100000 comes after 99999 (not between 09999 and 10000,
+    as names sort), so the next part never overwrites one that exists."""
+    cache = tmp_path / "scene.csv"
+    for number in (99999, 100000, 9):
+        (tmp_path / f"scene.csv.part-{number:05d}").write_text(f"key,value\nphoto,{number}\n")
+    (tmp_path / "scene.csv.part-notes").write_text("not a part")
+    assert [p.name.rsplit("-", 1)[1] for p in journal_parts(cache)] == ["00009", "99999", "100000"]
+
+    def read(path):
+        return dict(line.split(",") for line in path.read_text().splitlines()[1:])
+
+    def write(path, rows):
+        path.write_text("key,value\n" + "".join(f"{k},{v}\n" for k, v in rows.items()))
+
+    assert read_journaled(cache, read) == {"photo": "100000"}  # the latest part wins
+    assert append_journal(cache, {"photo": "new"}, write).name == "scene.csv.part-100001"
+    compact_journal(cache, read_journaled(cache, read), write)
+    assert journal_parts(cache) == [] and read(cache) == {"photo": "new"}
+    assert (tmp_path / "scene.csv.part-notes").exists()  # not a part: left alone
