@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from curate import pretrained  # noqa: E402
+from train.data import decode_image  # noqa: E402
 
 FLOWERS = ROOT.parent / "shared" / "flower_photos"
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     paths = sorted(FLOWERS.glob("*/*.jpg"))
     paths = paths[:: max(1, len(paths) // args.photos)][: args.photos]  # spread over every class
-    images = np.stack([pretrained._decode(p) for p in paths])
+    images = np.stack([decode_image(p, pretrained.INPUT_SIZE) for p in paths])
     model = pretrained.load_mobilenet_v2()
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
