@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 q = shipped_quality if t is None else L.sure_first(shipped_quality, detected(good["face_score"], t))
                 print(f"  {'off' if t is None else t}: AP {ap_of(q):.3f}")
         first = first_pass_folds(run, good, y, fold, cfg)
-        if first is not None:
+        if first is not None and not np.allclose(first[0], probs):  # the run was flagged with --retrain
             # FlagConfig.retrain_pruned: the run's oof/embeddings come from the folds retrained without the
             # first pass's most suspicious photos; the first pass's folds are still in the cache
             extra = {n: comps[n] for n in ("features_cluster", *scene_cols)}
@@ -174,7 +174,7 @@ AS_COLUMN = {"vit_cleanlab": "q_cleanlab", "vit_knn_perfold": "q_knn", "vit_clus
 def first_pass_folds(run: Path, good, y: np.ndarray, fold: np.ndarray,
                      cfg: L.FlagConfig) -> tuple[np.ndarray, np.ndarray] | None:
     """(out-of-fold probabilities, embeddings) of the K-fold ViT's first pass, from the run's cache, or None
-    when the cache does not hold all its folds (a run flagged with --no-retrain has them in oof_vit.npy)."""
+    when the cache does not hold all its folds (a run flagged without --retrain has them in oof_vit.npy)."""
     from train.presets import FLAG
 
     paths = embed.fold_cache_files(run, good["filepath"].astype(str).tolist(), y, cfg.vit or FLAG, cfg, fold)

@@ -440,7 +440,8 @@ def test_flag_retrains_the_kfold_vit_without_the_photos_it_flagged(small_dataset
 
     run = _scanned_run(small_dataset, tmp_path / "run")
     # a tiny ViT on 30 photos is at chance: flag anyway (chance_p_value=None), the retrain plumbing is tested
-    cfg = L.FlagConfig(vit=TINY_VIT, group_size=3, scene=False, chance_p_value=None)
+    cfg = L.FlagConfig(vit=TINY_VIT, group_size=3, scene=False, chance_p_value=None, retrain_pruned=True)
+    assert not L.FlagConfig().retrain_pruned  # off by default (`curate flag --retrain`): tested here turned on
     L.flag(run, folds=2, embeddings="vit", progress=False, config=dataclasses.replace(cfg, retrain_pruned=False))
     first = read_manifest(run / "manifest.csv")
     first_off = first["flags"].fillna("").str.contains("off_class").to_numpy()
@@ -474,3 +475,15 @@ def test_flag_retrains_the_kfold_vit_without_the_photos_it_flagged(small_dataset
     pd.testing.assert_series_equal(short["label_quality"], again["label_quality"])
     assert short["flags"].fillna("").str.contains("off_class").sum() <= int(0.05 * len(short))
     assert len(list((run / "cache").glob("vit_fold*of2_*.npz"))) == 4
+
+
+@pytest.mark.parametrize(("options", "retrain"), [([], False), (["--retrain"], True), (["--no-retrain"], False)])
+def test_curate_flag_retrains_only_when_asked(options, retrain, tmp_path, monkeypatch):
+    """The prune-and-retrain pass is off by default (it bought 0.005 AP for a third of the full mode's time on
+    flower_photos) and `--retrain` turns it on."""
+    from curate import cli
+
+    seen = []
+    monkeypatch.setattr(L, "flag", lambda run, **kwargs: seen.append(kwargs["config"]))
+    assert cli.main(["flag", "--run", str(tmp_path), "-q", *options]) == 0
+    assert [c.retrain_pruned for c in seen] == [retrain]
