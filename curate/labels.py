@@ -18,8 +18,8 @@ the frame green than the class's other photos: no leaves, stems or grass), which
 groups the models learn as the class (portraits, parades, buildings, landscapes, cakes and teacups with
 roses on them). And `q_typical`: the photo's mean similarity to the 30 most similar photos of its folder, in
 the bottleneck features of an ImageNet-pretrained MobileNetV2 bundled with curate (curate.pretrained), a network that
-has seen a thousand kinds of things, where the K-fold ViT has seen only the folders; it weighs as much as
-all the other components together (bench/flag_eval.py: AP 0.606 -> 0.75 with the look-alikes found in its
+has seen a thousand kinds of things, where the K-fold ViT has seen only the folders; it weighs about as much
+as all the other components together (bench/flag_eval.py: AP 0.606 -> 0.75 with the look-alikes found in its
 last convolution).
 All are combined by a weighted mean of their within-run percentile ranks into the photo's own score,
 and `label_quality` (0..1) is half that and half `lookalike_quality`, the mean own score of its five
@@ -92,16 +92,20 @@ class FlagConfig:
     # all of them: bench/flag_eval.py measured AP 0.17 without them, 0.26 with faces and edges, 0.30 with
     # depth of field, ~0.37 with colour too, 0.39 with edges only within the frame (before look-alikes).
     # The two person detectors weigh 1.4 times as much (label_quality AP at 2.5/3.5/5: .536/.548/.553).
-    # Scored by the ViT retrained without the flagged photos (retrain_pruned), q_cleanlab, q_knn and q_cluster
-    # carry more signal than the first pass's (alone AP .11/.13/.12 -> .20/.16/.15) and weigh twice as much
-    # (bench/flag_ablation.py, label_quality AP with them at 1/1.5/2/3: .576/.583/.586/.581)
+    # q_cleanlab, q_knn and q_cluster weighed twice as much while the ViT was retrained without the flagged
+    # photos by default (retrain_pruned; bench/flag_ablation.py, AP at 1/1.5/2/3: .576/.583/.586/.581, before
+    # q_typical). Beside q_typical they add nothing on flower_photos: first-pass folds (the default now) at
+    # 0/0.5/0.75/1/1.5/2/3 give .761/.760/.758/.756/.751/.746/.734, retrained folds .764/.761/.760/.758/.755/
+    # .751/.742. They stay in at 1, equal to q_confidence and q_features as before the retrain: on data unlike
+    # ImageNet's (parts on a fixture) what the ViT learns of the folders may be all there is
     # q_foliage (less green than the class) at 0.5/1/1.5/2.5: .595/.601/.603/.600 on the shipped folds,
     # .589/.595/.599/.600 on a second seed's (without it .586 and .578); full re-flag at 1.5: .606 and .584
-    # q_typical (unlike the rest of its folder to the pretrained network; look-alikes found there too) weighs as
-    # much as all the others together: at 4/6/8/12/16/24 .702/.713/.722/.730/.734/.734 (folds fixed; .606 without;
+    # q_typical (unlike the rest of its folder to the pretrained network; look-alikes found there too) weighs about as
+    # much as all the others together (24; the others 21 in full mode, 4.4 with --fast): at 4/6/8/12/16/24
+    # .702/.713/.722/.730/.734/.734 (folds fixed; .606 without;
     # from the last convolution; from the bottleneck, as now, at 8/12/16/24/32 .728/.739/.745/.751/.753)
     weights: dict[str, float] = field(default_factory=lambda: {
-        "q_cleanlab": 2.0, "q_knn": 2.0, "q_cluster": 2.0, "q_confidence": 1.0, "q_features": 1.0,
+        "q_cleanlab": 1.0, "q_knn": 1.0, "q_cluster": 1.0, "q_confidence": 1.0, "q_features": 1.0,
         "q_face": 3.5, "q_body": 3.5, "q_structure": 2.5, "q_focus": 2.5, "q_colour": 2.5, "q_foliage": 1.5,
         "q_typical": 24.0})
     # --fast: the cheap features' label disagreement (q_cleanlab, q_knn) ranks the audited off-class photos
@@ -147,8 +151,9 @@ class FlagConfig:
     # pass's most suspicious photos (max_pruned_fraction), and score every photo again with it. A model that
     # never learned the parade or the portrait shoot as "roses" disagrees with those labels. Before the
     # pretrained network it bought label_quality AP 0.571 -> 0.586 (bench/flag_eval.py); with q_typical
-    # weighing as much as all the model components together, 0.746 -> 0.751 (paired CI [-0.012, 0.000]) for
-    # 16 of the full mode's 48 minutes on 2 cores, so it is off by default (`curate flag --retrain`)
+    # weighing about as much as all the other components together, 0.746 -> 0.751 (paired CI [-0.012, 0.000])
+    # with the model components at weight 2, 0.756 -> 0.758 ([-0.001, +0.007]) at 1, as now, for 16 of the
+    # full mode's 48 minutes on 2 cores; so it is off by default (`curate flag --retrain`)
     retrain_pruned: bool = False
     # the retrain leaves out the first pass's lowest-quality photos, as many as cleanlab estimates, at most
     # this share of the run: apart from max_off_class_fraction, so that shortening the flag never retrains
