@@ -123,6 +123,9 @@ def test_app_shows_off_class_candidates_worst_first_in_chromium(app_server, tmp_
     printed = out_path.read_text()
     url = re.search(r"off_class_candidates: (http://\S+)", printed).group(1)
     assert url == f"http://127.0.0.1:{port}/datasets/curate-flower_run?view=off-class-candidates"
+    # the session itself is on that view, so the App's state and the URL's agree (they raced before)
+    main = f"FiftyOne App: http://127.0.0.1:{port}/datasets/curate-flower_run (opens on off_class_candidates)"
+    assert main in printed
 
     expected = manifest[manifest["flags"].str.contains("off_class|outlier")].sort_values("label_quality")
     shot = tmp_path / "app_off_class_candidates.png"
