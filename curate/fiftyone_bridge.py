@@ -792,7 +792,8 @@ def app(run: str | os.PathLike | None, port: int = 5151, address: str = "127.0.0
     # the session opens on the off-class candidates, the view a review starts from. Launched on the whole
     # dataset, the session's state (no view) raced the `?view=` of a printed URL: now and then the App showed
     # "Unsaved view", all samples (FiftyOne 1.22; 2 of about 10 runs of tests/test_app_browser.py)
-    first = OFF_CLASS_VIEW if OFF_CLASS_VIEW in views else None
+    # (a run that was only scanned, or flagged nothing, opens on the whole dataset instead of an empty view)
+    first = OFF_CLASS_VIEW if OFF_CLASS_VIEW in views and len(dataset.load_saved_view(OFF_CLASS_VIEW)) else None
     with _library_output_on_stderr():
         session = fo.launch_app(dataset.load_saved_view(first) if first else dataset, port=port, address=address,
                                 remote=True, auto=False)
