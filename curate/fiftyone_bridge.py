@@ -783,8 +783,9 @@ def app(run: str | os.PathLike | None, port: int = 5151, address: str = "127.0.0
     fo = _fiftyone()
     views = dataset.info.get("curate_views", [])
     print(f"FiftyOne dataset {dataset.name}: {len(dataset)} samples ({_database_description(fo)})")
-    for name in views:
-        print(f"  view {name:<28} {len(dataset.load_saved_view(name)):>6} samples")
+    counts = {name: len(dataset.load_saved_view(name)) for name in views}
+    for name, count in counts.items():
+        print(f"  view {name:<28} {count:>6} samples")
     if not launch:
         return
     from fiftyone.core.utils import to_slug
@@ -793,7 +794,7 @@ def app(run: str | os.PathLike | None, port: int = 5151, address: str = "127.0.0
     # dataset, the session's state (no view) raced the `?view=` of a printed URL: now and then the App showed
     # "Unsaved view", all samples (FiftyOne 1.22; 2 of about 10 runs of tests/test_app_browser.py)
     # (a run that was only scanned, or flagged nothing, opens on the whole dataset instead of an empty view)
-    first = OFF_CLASS_VIEW if OFF_CLASS_VIEW in views and len(dataset.load_saved_view(OFF_CLASS_VIEW)) else None
+    first = OFF_CLASS_VIEW if counts.get(OFF_CLASS_VIEW) else None
     with _library_output_on_stderr():
         session = fo.launch_app(dataset.load_saved_view(first) if first else dataset, port=port, address=address,
                                 remote=True, auto=False)

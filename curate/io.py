@@ -160,11 +160,15 @@ def photo_cache_keys(manifest: pd.DataFrame, version: str) -> pd.Series:
 _PART = ".part-"
 
 
+def _part_number(part: Path) -> str:
+    return part.name.rsplit(_PART, 1)[1]
+
+
 def journal_parts(path: str | os.PathLike) -> list[Path]:
     """The journal parts of the per-photo cache at `path`, oldest first."""
     path = Path(path)
-    numbered = [(p.name.rsplit(_PART, 1)[1], p) for p in path.parent.glob(f"{glob.escape(path.name)}{_PART}[0-9]*")]
-    return [p for _, p in sorted((int(n), p) for n, p in numbered if n.isdigit())]  # by number: 100000 after 99999
+    parts = [p for p in path.parent.glob(f"{glob.escape(path.name)}{_PART}[0-9]*") if _part_number(p).isdigit()]
+    return sorted(parts, key=lambda p: int(_part_number(p)))  # by number: 100000 after 99999
 
 
 def read_journaled(path: str | os.PathLike, read: Callable[[Path], dict[str, Any]],
@@ -187,7 +191,7 @@ def append_journal(path: str | os.PathLike, rows: dict[str, Any],
                    write: Callable[[Path, dict[str, Any]], None]) -> Path:
     """Write `rows` as the next journal part of the cache at `path` (atomically), by `write`."""
     parts = journal_parts(path)
-    number = int(parts[-1].name.rsplit(_PART, 1)[1]) + 1 if parts else 0
+    number = int(_part_number(parts[-1])) + 1 if parts else 0
     part = Path(path).with_name(f"{Path(path).name}{_PART}{number:05d}")
     with atomic_path(part) as tmp:
         write(tmp, rows)
