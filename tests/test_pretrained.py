@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -152,21 +153,45 @@ def test_embeddings_are_cached_resumed_and_redone_when_a_file_changes(tmp_path, 
     assert "roses/broken.jpg: cannot decode" in caplog.text
     assert calls == [1] and out.shape == (7, pretrained.WIDTH)
 
-    # another run in the same process gets the network as converted already, not from TensorFlow again
+    # the network was converted once, into the user's cache, not into the run's
+    name = f"mobilenet_v2_v{pretrained.EMBEDDING_VERSION}.tflite"
+    converted = tmp_path / "user_cache" / name
+    assert converted.is_file() and not (run / "cache" / name).exists()
+    # another run finds it there, and needs neither TensorFlow's converter nor the Keras model
     import tensorflow as tf
 
-    def converted_again(*args, **kwargs):
-        raise AssertionError("converted again")
-
-    monkeypatch.setattr(tf.lite.TFLiteConverter, "from_concrete_functions", converted_again)
-    other = tmp_path / "other_run"
-    pretrained.embeddings(other, data, manifest.head(2))
-    name = f"mobilenet_v2_v{pretrained.EMBEDDING_VERSION}.tflite"
-    assert (other / "cache" / name).is_file()
-    # ... and another process finds it in the user's cache, and needs neither TensorFlow nor the Keras model
-    assert (tmp_path / "user_cache" / name).is_file()
-    monkeypatch.setattr(pretrained, "_converted_in_this_process", {})
+    monkeypatch.setattr(tf.lite.TFLiteConverter, "from_concrete_functions",
+                        lambda *a, **k: pytest.fail("converted again"))
     monkeypatch.setattr(pretrained, "load_mobilenet_v2", lambda: pytest.fail("built the Keras model"))
-    third = tmp_path / "third_run"
-    assert pretrained.embeddings(third, data, manifest.head(2)).shape == (2, pretrained.WIDTH)
-    assert (third / "cache" / name).read_bytes() == (tmp_path / "user_cache" / name).read_bytes()
+    assert np.array_equal(pretrained.embeddings(tmp_path / "other_run", data, manifest), first)
+
+
+def test_a_damaged_converted_network_is_named_and_converted_again(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CURATE_CACHE", str(tmp_path / "user_cache"))
+    converted = tmp_path / "user_cache" / f"mobilenet_v2_v{pretrained.EMBEDDING_VERSION}.tflite"
+    converted.parent.mkdir()
+    converted.write_bytes(b"cut short")
+    with caplog.at_level(logging.WARNING, logger="curate.pretrained"):
+        predict = pretrained.network_predictor(tmp_path / "run")
+    assert f"{converted}: unreadable" in caplog.text
+    assert converted.stat().st_size > 1_000_000  # overwritten by a whole conversion
+    assert predict(np.zeros((1, pretrained.INPUT_SIZE, pretrained.INPUT_SIZE, 3), np.float32)).shape == (
+        1, pretrained.WIDTH)
+
+
+def test_a_read_only_user_cache_keeps_the_converted_network_in_the_run(tmp_path, monkeypatch):
+    user_cache = tmp_path / "user_cache"
+    monkeypatch.setenv("CURATE_CACHE", str(user_cache))
+    write = pretrained.atomic_write_bytes
+
+    def read_only_home(path, data):
+        if Path(path).parent == user_cache:
+            raise PermissionError(13, "Permission denied", str(path))
+        write(path, data)
+
+    monkeypatch.setattr(pretrained, "atomic_write_bytes", read_only_home)
+    predict = pretrained.network_predictor(tmp_path / "run")
+    name = f"mobilenet_v2_v{pretrained.EMBEDDING_VERSION}.tflite"
+    assert (tmp_path / "run" / "cache" / name).is_file() and not (user_cache / name).exists()
+    assert predict(np.zeros((2, pretrained.INPUT_SIZE, pretrained.INPUT_SIZE, 3), np.float32)).shape == (
+        2, pretrained.WIDTH)
