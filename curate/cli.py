@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-off-class", type=_share, metavar="SHARE",
                    help="flag at most this share of the photos off_class (default: 0.2). The flag takes the "
                    "lowest label_quality photos, as many as cleanlab estimates are label issues, up to this "
-                   "cap, and none of a class the models did not learn (a rare class they never answer); a "
+                   "cap, and none of a rare class the models did not learn (at most 30 photos); a "
                    "smaller share gives a shorter review list with higher precision "
                    "(docs/flagging.md). label_quality (the ranking) does not depend on it")
     _add_common(p)

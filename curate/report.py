@@ -510,12 +510,13 @@ def section_duplicates(art: RunArtifacts, thumbs: Thumbnails) -> str:
 
 
 def _what_the_models_did_not_learn(m: pd.DataFrame, q: pd.Series) -> str:
-    """Why photos are not flagged whatever their scores: the out-of-fold models (their answers are
-    `suggested_label`) agree with the labels no better than chance, or not for some classes; the flag stage
-    judges the same way (labels.beats_chance, labels.classes_learned)."""
+    """Why the models' disagreement is left out: the out-of-fold models (their answers are `suggested_label`)
+    agree with the labels no better than chance (no photo is flagged), or not for some classes (ranked without
+    it, or, when small, not flagged); the flag stage judges the same way (labels.beats_chance,
+    labels.classes_learned, labels.score)."""
     if "suggested_label" not in m.columns:
         return ""
-    from curate.labels import answered_own_class, beats_chance, classes_learned
+    from curate.labels import FlagConfig, answered_own_class, beats_chance, classes_learned
 
     scored = m[q.notna() & (m["suggested_label"].fillna("") != "")]
     if not len(scored):
@@ -531,12 +532,17 @@ def _what_the_models_did_not_learn(m: pd.DataFrame, q: pd.Series) -> str:
                 "unlike every class they look instead (distance to the nearest class centre).")
     learned = classes_learned(truth, answers, len(classes))
     right, photos = answered_own_class(truth, answers, len(classes))
-    unlearned = [f"<code>{html.escape(c)}</code> (answered for {right[i]} of its {photos[i]} photos)"
-                 for i, c in enumerate(classes) if not learned[i] and photos[i]]
-    if not unlearned:
-        return ""
-    return (f" The models did not learn {', '.join(unlearned)} beyond chance, so those photos are not flagged: "
-            "that a model which never learned a class disagrees with its label says nothing of the photo.")
+    small = photos <= FlagConfig().typical_k  # as the flag stage judges (labels.score, "classes_ranked")
+    text = ""
+    for which, how in ((~small, "so those photos are ranked without it (the other measures alone)"),
+                       (small, "and hold too few photos to rank them by the other measures, so none of them "
+                               "is flagged")):
+        unlearned = [f"<code>{html.escape(c)}</code> (answered for {right[i]} of its {photos[i]} photos)"
+                     for i, c in enumerate(classes) if not learned[i] and photos[i] and which[i]]
+        if unlearned:
+            text += (f" The models did not learn {', '.join(unlearned)} beyond chance: that a model which never "
+                     f"learned a class disagrees with its label says nothing of the photo, {how}.")
+    return text
 
 
 def section_off_class(art: RunArtifacts, thumbs: Thumbnails) -> str:

@@ -325,6 +325,45 @@ def test_a_rare_class_is_not_flagged_for_what_the_model_never_learned(tmp_path, 
     assert "<code>tulips</code> (answered for 0 of its 3 photos)" in (run / "index.html").read_text()
 
 
+@pytest.mark.parametrize("unlearned_photos", [60, 20])
+def test_an_unlearned_class_is_ranked_without_the_models_disagreement(unlearned_photos):
+    # three classes; the model answers classes 0 and 1 for their photos, but class 0 for every photo of class 2
+    # (the 48-px ViT on 748 flower photos learned neither roses nor tulips). In each class 6 photos are strays:
+    # a label-free measure (q_typical) marks them all, and the model answers the other class for those of 0 and 1
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], [60, 60, unlearned_photos])
+    n = len(labels)
+    strays = np.concatenate([np.flatnonzero(labels == c)[:6] for c in range(3)])
+    answers = np.where(labels == 2, 0, labels)
+    answers[strays[:12]] = 1 - labels[strays[:12]]
+    probs = np.full((n, 3), 0.05)
+    probs[np.arange(n), answers] = 0.9
+    typical = rng.uniform(0.5, 1.0, n)
+    typical[strays] = rng.uniform(0.0, 0.1, len(strays))
+    emb = _blobs(rng, np.zeros(8), n, spread=1.0)
+    cfg = L.FlagConfig(knn_k=5, cluster_size=10, lookalikes=0, typical_k=30, sure_face=None,
+                       weights={"q_cleanlab": 1.0, "q_knn": 1.0, "q_confidence": 1.0, "q_typical": 3.0})
+    s = L.score(emb, labels, 3, {"model": probs}, cfg, extra={"q_typical": typical})
+    assert s["chance"]["beats_chance"] and s["chance"]["classes_learned"].tolist() == [True, True, False]
+    off, _ = L.choose_flags(s, cfg)
+    everything = L.combine({k: s[k] for k in ("q_cleanlab", "q_knn", "q_confidence", "q_typical")}, cfg.weights)
+    issues = int(s["issues"][labels < 2].sum())  # cleanlab's count among the classes the model learned
+    assert issues >= 12
+    np.testing.assert_allclose(s["label_quality"][labels < 2], everything[labels < 2])
+    if unlearned_photos > cfg.typical_k:
+        # class 2 is ranked by q_typical alone: the disagreement no longer sinks all its photos, its strays are
+        # flagged with the others', and the flag is cleanlab's share among classes 0 and 1 of all the photos
+        assert s["chance"]["classes_ranked"].all()
+        np.testing.assert_allclose(s["label_quality"][labels == 2], L.percentile_rank(typical)[labels == 2])
+        assert off[strays[12:]].all() and off.sum() == issues * n // 120
+    else:
+        # a class no bigger than a photo's typical_k neighbours: within-class measures would rank all its photos
+        # low, so it is ranked as before and none of its photos is flagged; the flag is cleanlab's count
+        assert s["chance"]["classes_ranked"].tolist() == [True, True, False]
+        np.testing.assert_allclose(s["label_quality"], everything)
+        assert not off[labels == 2].any() and off.sum() == issues
+
+
 def test_no_off_class_from_models_that_know_nothing_of_the_classes(tmp_path, caplog):
     # inspection shots: the cheap features cannot see a scratch, so --fast's kNN guesses; cleanlab
     # then "finds" label issues among photos that are all correctly filed
