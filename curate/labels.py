@@ -130,7 +130,10 @@ class FlagConfig:
     # the bundled ImageNet MobileNetV2 (curate.pretrained): q_typical (how like the rest of its folder a photo
     # looks), and the space in which look-alikes are found (instead of the cheap features)
     pretrained: bool = True
-    typical_k: int = 30  # q_typical: mean similarity to this many most similar photos of the same folder
+    typical_k: int = 30  # q_typical: mean similarity to this many most similar photos of the same folder,
+    # at most this share of them (30 of a class of 500; 3 of a class of 45, which with 30 was flagged whole beside
+    # classes of 150-300: `typicality_quality`)
+    typical_share: float = 0.06
     outlier_z: float = 3.5  # robust z of the distance to the nearest class centre
     # off_class needs out-of-fold models that agree with the labels beyond chance (one-sided test at this
     # p-value, `beats_chance`); a model at chance makes cleanlab count its guesses (on simulated inspection
@@ -333,14 +336,20 @@ def cluster_quality(emb: np.ndarray, labels: np.ndarray, n_classes: int, cluster
     return percentile_rank(per_photo), cluster_id, table
 
 
-def typicality_quality(emb: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+def typicality_quality(emb: np.ndarray, labels: np.ndarray, k: int, share: float = 1.0) -> np.ndarray:
     """Mean cosine similarity of each photo to its k most similar photos with the same label (low = unlike
-    the rest of its folder). A photo alone in its class gets the median of the others (nothing to compare)."""
+    the rest of its folder), k at most `share` of the class's photos (at least 1). A photo alone in its class
+    gets the median of the others (nothing to compare).
+
+    Why the share: the k most similar photos of a big class are close; in a class of 45 they are most of the
+    class, so all its photos looked atypical beside a class of 500 and were all flagged. With k a fixed share
+    of the class each photo is compared with the same part of its class's spread, whatever its size."""
     out = np.full(len(labels), np.nan)
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
         if len(members) >= 2:
-            out[members] = knn_neighbours(emb[members], k)[1].mean(1)
+            k_class = max(1, min(k, round(share * len(members))))
+            out[members] = knn_neighbours(emb[members], k_class)[1].mean(1)
     return np.where(np.isnan(out), np.nanmedian(out) if (~np.isnan(out)).any() else 0.0, out)
 
 
@@ -475,8 +484,8 @@ def score(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, oof_probs:
         label_free = {}
     # a model that did not learn a class disagrees with each of its photos' labels, which says nothing of the
     # photo: those photos are ranked by the other components alone, on the same percentile scale, where the class
-    # has more photos than a photo's typical_k most similar ones in it (within-class measures compare a photo
-    # with those; in a smaller class they are all its photos, and a rare class's photos all rank low). Measured on
+    # has more than typical_k photos (in a smaller one the within-class measures have too few photos to say what
+    # is typical of it: 3 real tulip photos among 60 others ranked lowest, and all were flagged). Measured on
     # 748 photos of flower_photos, full mode: the 48-px ViT learned neither roses nor tulips (38% right);
     # before, none of their photos was flagged, and the flag's precision and recall were 0.07 and 0.20
     ranked = learned | ((np.bincount(labels, minlength=n_classes)[:n_classes] > cfg.typical_k) & bool(label_free))
@@ -609,7 +618,7 @@ def flag(run: str | Path | None, folds: int = 5, embeddings: str | None = None, 
             general = pretrained.embeddings(run_dir, data_root, good, progress=progress)
             lookalike_space = pretrained.last_conv_features(general)
             extra["q_typical"] = typicality_quality(pretrained.bottleneck_features(general), labels,
-                                                    cfg.typical_k)
+                                                    cfg.typical_k, cfg.typical_share)
         score_cfg = dataclasses.replace(cfg, weights=cfg.fast_weights) if rep.name == "features" else cfg
 
         def score_with(rep) -> dict:

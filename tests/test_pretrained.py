@@ -100,6 +100,22 @@ def test_typicality_of_a_photo_alone_in_its_class_is_the_median():
     assert np.argmin(q[:3]) == 2  # the one unlike the other two
 
 
+def test_typicality_compares_a_small_class_with_the_same_share_of_it_as_a_big_one():
+    # a class of 45 and one of 500 drawn alike: with the 30 most similar photos, the 45 are compared with most of
+    # their class and all look atypical (a class of 45 among 540 flower photos was flagged whole); with k a share
+    # of the class they rank as the 500 do
+    rng = np.random.default_rng(0)
+    emb = L.l2_normalise(rng.standard_normal((545, 16)) + 2.0 * np.eye(16)[0])
+    labels = np.array([0] * 500 + [1] * 45)
+    fixed = L.percentile_rank(L.typicality_quality(emb, labels, k=30))
+    shared = L.percentile_rank(L.typicality_quality(emb, labels, k=30, share=0.06))
+    assert fixed[labels == 1].mean() < 0.25
+    assert 0.35 < shared[labels == 1].mean() < 0.65
+    # a class of 500 is compared with its 30 most similar photos either way
+    np.testing.assert_array_equal(L.typicality_quality(emb[:500], labels[:500], k=30),
+                                  L.typicality_quality(emb[:500], labels[:500], k=30, share=0.06))
+
+
 def test_embeddings_are_cached_resumed_and_redone_when_a_file_changes(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("CURATE_CACHE", str(tmp_path / "user_cache"))
     data = make_dataset(tmp_path / "data", 3, ["daisy", "roses"])
