@@ -198,17 +198,18 @@ def network_predictor(run_dir: Path) -> Callable[[np.ndarray], np.ndarray]:
 
     name = f"mobilenet_v2_v{EMBEDDING_VERSION}.tflite"
     places = [cache_root() / name, Path(run_dir) / "cache" / name]
-    if interpreter_class() is not None:
-        for place in places:
-            try:
-                predict = tflite_predictor(None, place) if place.is_file() else None
-            except (ValueError, RuntimeError) as exc:  # damaged: converted again below, and overwritten
-                log.warning("%s: unreadable (%s); converting the network again", place, exc)
-                continue
-            if predict is not None:
-                return predict
+    if interpreter_class() is None:
+        return load_mobilenet_v2().predict_on_batch
+    for place in places:
+        try:
+            predict = tflite_predictor(None, place) if place.is_file() else None
+        except (ValueError, RuntimeError) as exc:  # damaged: converted again below, and overwritten
+            log.warning("%s: unreadable (%s); converting the network again", place, exc)
+            continue
+        if predict is not None:
+            return predict
     model = load_mobilenet_v2()
-    flatbuffer = to_tflite(model) if interpreter_class() is not None else None
+    flatbuffer = to_tflite(model)
     if flatbuffer is None:
         return model.predict_on_batch
     for place in places:

@@ -516,7 +516,7 @@ def _what_the_models_did_not_learn(m: pd.DataFrame, q: pd.Series) -> str:
     labels.classes_learned, labels.score)."""
     if "suggested_label" not in m.columns:
         return ""
-    from curate.labels import FlagConfig, answered_own_class, beats_chance, classes_learned
+    from curate.labels import FlagConfig, answered_own_class, beats_chance, big_enough_to_rank, classes_learned
 
     scored = m[q.notna() & (m["suggested_label"].fillna("") != "")]
     if not len(scored):
@@ -532,7 +532,7 @@ def _what_the_models_did_not_learn(m: pd.DataFrame, q: pd.Series) -> str:
                 "unlike every class they look instead (distance to the nearest class centre).")
     learned = classes_learned(truth, answers, len(classes))
     right, photos = answered_own_class(truth, answers, len(classes))
-    small = photos <= FlagConfig().typical_k  # as the flag stage judges (labels.score, "classes_ranked")
+    small = ~big_enough_to_rank(photos, FlagConfig())  # as the flag stage judges (labels.score)
     text = ""
     for which, how in ((~small, "so those photos are ranked without it (the other measures alone)"),
                        (small, "and hold too few photos to rank them by the other measures, so none of them "
