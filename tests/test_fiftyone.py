@@ -340,6 +340,25 @@ def test_brain_uniqueness_and_pca_from_our_embeddings(built):
     assert results.points.shape == (len(m) - 1, 2)
 
 
+def test_sort_by_similarity_finds_the_nearest_photos_by_our_embeddings(built):
+    """The App's "sort by similarity" (select photos, find more like them) works offline, from the same
+    embeddings as the map: the order FiftyOne gives is the cosine order of the run's embeddings."""
+    from curate.fiftyone_bridge import SIMILARITY_KEY
+
+    run_dir, m, ds = built
+    assert SIMILARITY_KEY in ds.list_brain_runs()
+    emb = np.load(run_dir / "embeddings.npy")
+    readable = (m["error"].fillna("") == "").to_numpy()  # the unreadable photo is not in the index
+    z = emb - emb[readable].mean(axis=0)  # FiftyOne's sklearn index centres the embeddings first
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    query = int(np.flatnonzero(readable)[3])
+    cosine = np.where(readable, z @ z[query], -np.inf)
+    expected = m["filepath"].to_numpy()[np.argsort(-cosine, kind="stable")[:5]].tolist()
+    sample = ds.match({"relpath": m["filepath"].iloc[query]}).first()
+    got = _relpaths(ds.sort_by_similarity(sample.id, k=5, brain_key=SIMILARITY_KEY))
+    assert got[0] == m["filepath"].iloc[query] and got == expected
+
+
 def test_the_map_comes_from_the_pretrained_embeddings_when_flag_wrote_them(private_mongo, tmp_path):
     from conftest import make_dataset
 
