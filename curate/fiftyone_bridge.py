@@ -54,7 +54,7 @@ if TYPE_CHECKING:  # fiftyone is imported where used (`_fiftyone`), with our set
 log = logging.getLogger("curate.fiftyone")
 
 STATE_FILE = "fiftyone.json"
-BUILD_VERSION = 4  # bump when a build would write something different from the same inputs
+BUILD_VERSION = 5  # bump when a build would write something different from the same inputs
 DATASET_PREFIX = "curate-"
 OFF_CLASS_VIEW = "off_class_candidates"  # the saved view a review starts from: the App opens on it
 REVIEW_DECISIONS = ("reject", "keep", "relabel")
@@ -366,9 +366,10 @@ def build_dataset(run: str | os.PathLike | None, config: BridgeConfig | None = N
         timings["fields"] = time.perf_counter() - t0 - sum(timings.values())
         log.info("fiftyone: dataset %s: %d samples added, %d removed", name, added, removed)
         if cfg.brain:
-            # Brain reads only the predictions, embeddings and labels: rerun it only when those changed
+            # Brain reads only the predictions, embeddings and labels: rerun it only when those changed, or when
+            # this module computes other Brain runs (version 5 added the similarity index)
             brain_inputs = {k: v for k, v in fingerprint["files"].items() if k.endswith(".npy")}
-            brain_inputs.update(method=cfg.visualization_method, rows=hashlib.sha1(
+            brain_inputs.update(version=BUILD_VERSION, method=cfg.visualization_method, rows=hashlib.sha1(
                 "\n".join(f"{p}\t{lab}" for p, lab in zip(paths, manifest["label"], strict=True)).encode()).hexdigest())
             if force or dataset.info.get("brain_inputs") != brain_inputs:
                 _run_brain(fo, dataset, run_dir, manifest, paths, cfg)
