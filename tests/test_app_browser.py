@@ -139,6 +139,16 @@ def test_app_shows_off_class_candidates_worst_first_in_chromium(app_server, tmp_
     assert "off_class_candidates" in dom, f"view bar never named the saved view; the page read:\n{text[:2000]}"
     assert "Help us improve FiftyOne" not in dom and "btn-disable-cookies" not in dom  # no analytics banner
 
+    # "sort by similarity": the App's page asks its server for the dataset's Brain runs and offers a search by
+    # the selected photos over each run whose config class names similarity (FiftyOne 1.22's rule, in its
+    # bundled JavaScript; the server's `type` field reads None for an sklearn index) and whose method is not
+    # multimodal; by text only where it supports prompts
+    query = '{ dataset(name: "curate-flower_run") { brainMethods { key config { cls method supportsPrompts } } } }'
+    answer = requests.post(f"http://127.0.0.1:{port}/graphql", json={"query": query}, timeout=30).json()
+    runs = {r["key"]: r["config"] for r in answer["data"]["dataset"]["brainMethods"]}
+    similarity = [k for k, c in runs.items() if "similarity" in c["cls"].lower() and c["method"] != "multimodal"]
+    assert similarity == ["similarity"] and runs["similarity"]["supportsPrompts"] is False, runs
+
     img = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
     grid = img[150:330, 320:1380]  # the first row of the grid, right of the sidebar
     # real photos: many distinct colours and strong variation, unlike an empty dark grid or a spinner
