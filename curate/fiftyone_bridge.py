@@ -58,6 +58,7 @@ BUILD_VERSION = 5  # bump when a build would write something different from the 
 DATASET_PREFIX = "curate-"
 OFF_CLASS_VIEW = "off_class_candidates"  # the saved view a review starts from: the App opens on it
 REVIEW_DECISIONS = ("reject", "keep", "relabel")
+SIMILARITY_KEY = "similarity"  # the Brain run behind the App's "sort by similarity"
 DUPLICATE_FLAGS = {"exact_duplicates": "exact_duplicate", "near_duplicates": "near_duplicate",
                    "cross_label_duplicates": "cross_label_duplicate"}
 # Manifest columns shown another way (filepath = the sample, label = ground_truth, flags = tags).
@@ -76,7 +77,7 @@ PREVIEW_DIR = "app_media"
 class BridgeConfig:
     """What the dataset build does beyond copying the manifest."""
 
-    brain: bool = True  # mistakenness / uniqueness / PCA visualization from our own predictions and embeddings
+    brain: bool = True  # mistakenness / uniqueness / PCA map / similarity index from our own predictions and embeddings
     visualization_method: str = "pca"  # "pca" or "tsne": both work without umap-learn and without a model
     cluster_view_min_flagged_share: float = 0.5  # a cluster gets its own view when this share is off_class/outlier
     max_cluster_views: int = 12
@@ -510,9 +511,6 @@ def _set_media_field(dataset, previews: bool) -> None:
             dataset.delete_sample_field("preview_filepath")
 
 
-SIMILARITY_KEY = "similarity"  # the Brain run behind the App's "sort by similarity"
-
-
 def _run_brain(fo, dataset, run_dir: Path, manifest: pd.DataFrame, paths: list[str], cfg: BridgeConfig) -> None:
     """FiftyOne Brain from our own predictions and embeddings; never a model download."""
     import fiftyone.brain as fob
@@ -537,8 +535,8 @@ def _run_brain(fo, dataset, run_dir: Path, manifest: pd.DataFrame, paths: list[s
         return
     emb = np.load(emb_path, allow_pickle=False)
     if emb.ndim != 2 or emb.shape[0] != len(manifest):
-        log.warning("%s: shape %s does not match the %d manifest rows; Brain uniqueness/visualization skipped",
-                    emb_path, emb.shape, len(manifest))
+        log.warning("%s: shape %s does not match the %d manifest rows; Brain uniqueness, map and similarity index "
+                    "skipped", emb_path, emb.shape, len(manifest))
         return
     # Brain wants embeddings in the order it iterates the samples: reorder ours (manifest order) to match.
     readable = (manifest["error"].fillna("") == "").to_numpy() if "error" in manifest.columns else \
