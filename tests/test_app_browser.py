@@ -67,6 +67,71 @@ def evaluate(page, expression: str) -> str:
     return page.call("Runtime.evaluate", {"expression": expression, "returnByValue": True})["result"].get("value") or ""
 
 
+def sort_by_similarity_in_chromium(url: str, profile: Path, tile: int, ready, timeout: float) -> list:
+    """Open `url`, select the grid's `tile`-th photo and run the App's similarity search on it, as a person does:
+    the sort-by-similarity action above the grid opens FiftyOne's Similarity Search panel; "New Search", tick
+    the photo's checkbox, "Search", then "Execute" (run now; "Schedule" needs a delegated-operation worker).
+    Returns (GRID_STATE_JS's value once `ready(state)` or at `timeout`, the page's text then)."""
+    deadline = time.monotonic() + timeout
+
+    def poll(expression: str, accept):
+        value = None
+        while time.monotonic() < deadline:
+            value = evaluate(page, expression)
+            if accept(value):
+                return value
+            time.sleep(0.5)
+        raise AssertionError(f"gave up waiting for {expression[:80]!r}; last value {str(value)[:300]!r}; page read:\n"
+                             f"{evaluate(page, 'document.body.innerText')[:2000]}")
+
+    def click(selector_js: str) -> None:  # a real mouse click at the element's centre
+        rect = json.loads(poll(f"JSON.stringify(({selector_js})?.getBoundingClientRect() ?? null)",
+                               lambda v: v not in ("", "null")))
+        for kind in ("mousePressed", "mouseReleased"):
+            page.call("Input.dispatchMouseEvent", {"type": kind, "x": rect["x"] + rect["width"] / 2,
+                                                   "y": rect["y"] + rect["height"] / 2, "button": "left",
+                                                   "clickCount": 1})
+
+    def button(text: str) -> str:
+        return f"[...document.querySelectorAll('button')].find(b => b.textContent.trim() == {text!r} && !b.disabled)"
+
+    with chromium_page(profile) as page:
+        page.call("Page.enable")
+        page.call("Page.navigate", {"url": url})
+        poll(GRID_STATE_JS, lambda v: len(json.loads(v or "[]")) > tile and all(d for d, _ in json.loads(v)))
+        # the page draws the grid before its actions answer clicks: click until the panel opens
+        while "Similarity Search" not in evaluate(page, "document.body.innerText"):
+            assert time.monotonic() < deadline, "the sort-by-similarity action never opened its panel"
+            click("document.querySelector('[data-cy=\"action-sort-by-similarity\"]')")
+            time.sleep(1)
+        # the panel may open on its page about the index (the first time after the server starts): back to its list
+        while "New Search" not in evaluate(page, "document.body.innerText"):
+            assert time.monotonic() < deadline, "the similarity panel never showed its list of searches"
+            evaluate(page, "document.querySelector('button[aria-label=\"Back to similarity searches\"]')?.click()")
+            time.sleep(1)
+        click(button("New Search"))  # disabled, with "No similarity index computed", when the dataset has none
+        # the tile's checkbox shows only under the pointer: click its label from the page instead
+        evaluate(page, f"document.querySelectorAll('[data-cy=\"looker\"]')[{tile}].querySelector('label').click()")
+        poll("document.body.innerText", lambda text: "1 samples selected" in text)
+        # "Search" opens a menu of how to run it (a pointer click on it did not, in headless Chromium: the page's click)
+        poll(f"({button('Search')}) ? 'ready' : ''", lambda v: v == "ready")
+        evaluate(page, f"({button('Search')}).click()")
+        poll("(() => { const run = [...document.querySelectorAll('[role=menuitem]')].find(e => "
+             "e.textContent.startsWith('Execute')); run?.click(); return run ? 'clicked' : ''; })()",
+             lambda v: v == "clicked")
+        # the finished search is listed in the panel; the grid shows its results once it is picked from the list
+        poll("document.body.innerText", lambda text: "Completed" in text)
+        state: list = []
+        while time.monotonic() < deadline:
+            state = json.loads(evaluate(page, GRID_STATE_JS) or "[]")
+            if ready(state):
+                break
+            evaluate(page, "[...document.querySelectorAll('*')].filter(e => e.children.length == 0 && "
+                           "e.textContent.startsWith('Image similarity (1 prompt)'))[0]?.click()")
+            time.sleep(1)
+        return state, evaluate(page, "document.body.innerText")
+
+
 @pytest.fixture
 def app_server(private_mongo, tmp_path: Path):  # noqa: F811 -- the imported fixture
     """`curate app` on a free port of 127.0.0.1 over a small real run; yields (run_dir, manifest, output path, port)."""
@@ -139,18 +204,23 @@ def test_app_shows_off_class_candidates_worst_first_in_chromium(app_server, tmp_
     assert "off_class_candidates" in dom, f"view bar never named the saved view; the page read:\n{text[:2000]}"
     assert "Help us improve FiftyOne" not in dom and "btn-disable-cookies" not in dom  # no analytics banner
 
-    # "sort by similarity": the App's page asks its server for the dataset's Brain runs and offers a search by
-    # the selected photos over each run whose config class names similarity (FiftyOne 1.22's rule, in its
-    # bundled JavaScript; the server's `type` field reads None for an sklearn index) and whose method is not
-    # multimodal; by text only where it supports prompts
-    query = '{ dataset(name: "curate-flower_run") { brainMethods { key config { cls method supportsPrompts } } } }'
-    answer = requests.post(f"http://127.0.0.1:{port}/graphql", json={"query": query}, timeout=30).json()
-    runs = {r["key"]: r["config"] for r in answer["data"]["dataset"]["brainMethods"]}
-    similarity = [k for k, c in runs.items() if "similarity" in c["cls"].lower() and c["method"] != "multimodal"]
-    assert similarity == ["similarity"] and runs["similarity"]["supportsPrompts"] is False, runs
-
     img = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
     grid = img[150:330, 320:1380]  # the first row of the grid, right of the sidebar
     # real photos: many distinct colours and strong variation, unlike an empty dark grid or a spinner
     assert grid.std() > 30 and len(np.unique(grid.reshape(-1, 3).astype(np.uint8), axis=0)) > 2000
     print(f"screenshot: {shot}")
+
+    # "find more like this one": the App's similarity search over the index `curate app` built, run from the page.
+    # Expected: every readable photo by cosine similarity of the run's embeddings, centred on their mean (FiftyOne's
+    # sklearn index), to the third photo of the view; the grid shows the closest first (the photo itself)
+    emb = np.load(run_dir / "embeddings.npy")
+    readable = (manifest["error"].fillna("") == "").to_numpy()  # the unreadable photo is not in the index
+    z = emb - emb[readable].mean(axis=0)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    query = manifest.index.get_loc(expected.index[2])
+    nearest = manifest["label"].to_numpy()[np.argsort(-np.where(readable, z @ z[query], -np.inf), kind="stable")]
+    state, text = sort_by_similarity_in_chromium(
+        url, tmp_path / "profile2", tile=2, timeout=180, ready=lambda tiles: len(tiles) > len(expected)
+        and all(d for d, _ in tiles) and [g for _, g in tiles] == nearest[:len(tiles)].tolist())
+    assert len(state) > len(expected), f"the grid never showed the search's results: {state}; the page read:\n{text}"
+    assert [label for _, label in state] == nearest[:len(state)].tolist()
