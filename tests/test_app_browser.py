@@ -67,7 +67,7 @@ def evaluate(page, expression: str) -> str:
     return page.call("Runtime.evaluate", {"expression": expression, "returnByValue": True})["result"].get("value") or ""
 
 
-def sort_by_similarity_in_chromium(url: str, profile: Path, tile: int, ready, timeout: float) -> list:
+def sort_by_similarity_in_chromium(url: str, profile: Path, tile: int, ready, timeout: float) -> tuple[list, str]:
     """Open `url`, select the grid's `tile`-th photo and run the App's similarity search on it, as a person does:
     the sort-by-similarity action above the grid opens FiftyOne's Similarity Search panel; "New Search", tick
     the photo's checkbox, "Search", then "Execute" (run now; "Schedule" needs a delegated-operation worker).
