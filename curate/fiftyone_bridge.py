@@ -548,18 +548,18 @@ def _run_brain(fo, dataset, run_dir: Path, manifest: pd.DataFrame, paths: list[s
         return
     rows = np.array([row_of[p] for p in view.values("filepath")])
     X = emb[rows].astype(np.float32)
-    # each Brain call gets its own copy: FiftyOne's sklearn index centres the array it is given in place
-    fob.compute_uniqueness(view, embeddings=X.copy(), progress=False)
-    fob.compute_visualization(view, embeddings=X.copy(), method=cfg.visualization_method,
-                              brain_key="embeddings_" + cfg.visualization_method, seed=0, progress=False)
     # "find more like these": select photos in the App and sort by similarity (FiftyOne's cosine on the
     # embeddings centred on the run's mean). label_quality cannot tell another species from the folder's own (to
     # an ImageNet network a gerbera is as typical of daisy/ as a daisy), but once a person has seen one, the
     # same network finds more of them: on flower_photos' daisy/, sorted by similarity to one audited other
     # species, 3.9 of the first 20 photos are other species, none of the folder's 20 lowest label_quality
-    # (bench/similarity_eval.py)
-    fob.compute_similarity(view, embeddings=X.copy(), brain_key=SIMILARITY_KEY, backend="sklearn",
-                           metric="cosine", progress=False)
+    # (bench/similarity_eval.py). A copy: FiftyOne's sklearn index centres the array it is given in place.
+    index = fob.compute_similarity(view, embeddings=X.copy(), brain_key=SIMILARITY_KEY, backend="sklearn",
+                                   metric="cosine", progress=False)
+    # uniqueness reads its neighbours from that index (it would build the same cosine index of its own otherwise)
+    fob.compute_uniqueness(view, similarity_index=index, progress=False)
+    fob.compute_visualization(view, embeddings=X, method=cfg.visualization_method,
+                              brain_key="embeddings_" + cfg.visualization_method, seed=0, progress=False)
 
 
 def _sort_duplicates(view):
