@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flag_eval import AUDIT, load_audit  # noqa: E402
 
 from curate.io import read_manifest  # noqa: E402
+from curate.labels import l2_normalise  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(emb) != len(m):
         sys.exit(f"{run}: embeddings_pretrained.npy has {len(emb)} rows, manifest.csv {len(m)}")
     m, emb = m[readable].reset_index(drop=True), emb[readable]
-    z = emb - emb.mean(axis=0)
-    z /= np.linalg.norm(z, axis=1, keepdims=True) + 1e-12
+    z = l2_normalise(emb - emb.mean(axis=0))
     audit = load_audit(args.audit).set_index("filepath")
     verdict = m["filepath"].map(audit["verdict"]).fillna("").to_numpy()
     role = m["filepath"].map(audit["role"]).fillna("").to_numpy()
