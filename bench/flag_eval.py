@@ -8,8 +8,10 @@ The manifest must carry `filepath` and a score column where LOW means suspicious
 photo the audit does not list is a negative. Unscored rows (empty score, e.g. unreadable files) rank last.
 
 Prints: average precision (AP) with a 95% bootstrap interval over the audited photos, recall among the top
-2x(number of positives), precision and recall of the `off_class` flag (and of `off_class` or `outlier`), the
-AP of each `q_*` column alone, and AP per class.
+2x(number of positives), the best flag the ranking allows at the issue's operating point (the highest recall
+at precision >= 0.6, and the precision where recall first reaches 0.8, each with how many of the top photos
+it takes), precision and recall of the `off_class` flag (and of `off_class` or `outlier`), the AP of each
+`q_*` column alone, and AP per class.
 """
 
 from __future__ import annotations
@@ -58,8 +60,32 @@ def audited_suspicion(filepaths: pd.Series, quality: np.ndarray, audit: pd.DataF
     return y, suspicion
 
 
+# the flag target of curate flag's issue: recall >= 0.8 at precision >= 0.6
+TARGET_PRECISION = 0.6
+TARGET_RECALL = 0.8
+
+
+def operating_points(y: np.ndarray, order: np.ndarray) -> dict:
+    """What a flag of the top N photos of a ranking (`order`: most suspicious first) would reach, at the best N
+    for the issue's target: the highest recall with precision >= TARGET_PRECISION, and the precision where
+    recall first reaches TARGET_RECALL (N counts audited photos only, ignored rows left out)."""
+    hits = np.cumsum(y[order])
+    n = np.arange(1, len(order) + 1)
+    precision, recall = hits / n, hits / max(int(y.sum()), 1)
+    ok = np.flatnonzero(precision >= TARGET_PRECISION)
+    at_p = int(ok[np.argmax(recall[ok])]) if len(ok) else None
+    reach = np.flatnonzero(recall >= TARGET_RECALL)
+    at_r = int(reach[0]) if len(reach) else None
+    return {
+        "recall_at_precision": float(recall[at_p]) if at_p is not None else 0.0,
+        "top_n_at_precision": at_p + 1 if at_p is not None else 0,
+        "precision_at_recall": float(precision[at_r]) if at_r is not None else float("nan"),
+        "top_n_at_recall": at_r + 1 if at_r is not None else 0,
+    }
+
+
 def ranking_scores(filepaths: pd.Series, quality: np.ndarray, audit: pd.DataFrame) -> dict:
-    """AP and recall@2P of a quality score (low = suspicious) over the audited rows."""
+    """AP, recall@2P and the operating points of a quality score (low = suspicious) over the audited rows."""
     y, suspicion = audited_suspicion(filepaths, quality, audit)
     n_pos = int(y.sum())
     if n_pos == 0:
@@ -72,6 +98,7 @@ def ranking_scores(filepaths: pd.Series, quality: np.ndarray, audit: pd.DataFram
         "positives": n_pos,
         "n": int(len(y)),
         "base_rate": float(n_pos / len(y)),
+        **operating_points(y, order),
     }
 
 
@@ -136,6 +163,10 @@ def print_report(res: dict) -> None:
     print(f"column {res['column']}: AP {o['ap']:.3f} [95% {lo:.3f}-{hi:.3f}] "
           f"(base rate {o.get('base_rate', float('nan')):.3f}, {o['positives']} positives / {o['n']} scored), "
           f"recall@2P {o['recall_at_2p']:.3f}")
+    if "recall_at_precision" in o:
+        print(f"best flag by this ranking: recall {o['recall_at_precision']:.3f} at precision >= {TARGET_PRECISION} "
+              f"(top {o['top_n_at_precision']} audited photos); precision {o['precision_at_recall']:.3f} at recall "
+              f"{TARGET_RECALL} (top {o['top_n_at_recall']})")
     for name in ("flag_off_class", "flag_off_class_or_outlier"):
         if name in res:
             f = res[name]
