@@ -65,13 +65,12 @@ TARGET_PRECISION = 0.6
 TARGET_RECALL = 0.8
 
 
-def operating_points(y: np.ndarray, order: np.ndarray) -> dict:
-    """What a flag of the top N photos of a ranking (`order`: most suspicious first) would reach, at the best N
-    for the issue's target: the highest recall with precision >= TARGET_PRECISION, and the precision where
-    recall first reaches TARGET_RECALL (N counts audited photos only, ignored rows left out)."""
-    hits = np.cumsum(y[order])
-    n = np.arange(1, len(order) + 1)
-    precision, recall = hits / n, hits / max(int(y.sum()), 1)
+def operating_points(hits: np.ndarray, n_pos: int) -> dict:
+    """What a flag of the top N photos of a ranking would reach, at the best N for the issue's target: the
+    highest recall with precision >= TARGET_PRECISION, and the precision where recall first reaches
+    TARGET_RECALL. `hits[i]`: positives among the ranking's first i + 1 audited photos (ignored rows left out);
+    `n_pos` > 0."""
+    precision, recall = hits / np.arange(1, len(hits) + 1), hits / n_pos
     ok = np.flatnonzero(precision >= TARGET_PRECISION)
     at_p = int(ok[np.argmax(recall[ok])]) if len(ok) else None
     reach = np.flatnonzero(recall >= TARGET_RECALL)
@@ -90,15 +89,14 @@ def ranking_scores(filepaths: pd.Series, quality: np.ndarray, audit: pd.DataFram
     n_pos = int(y.sum())
     if n_pos == 0:
         return {"ap": float("nan"), "recall_at_2p": float("nan"), "positives": 0, "n": int(len(y))}
-    order = np.argsort(-suspicion, kind="stable")
-    top = order[: 2 * n_pos]
+    hits = np.cumsum(y[np.argsort(-suspicion, kind="stable")])
     return {
         "ap": float(average_precision_score(y, suspicion)),
-        "recall_at_2p": float(y[top].sum() / n_pos),
+        "recall_at_2p": float(hits[min(2 * n_pos, len(hits)) - 1] / n_pos),
         "positives": n_pos,
         "n": int(len(y)),
         "base_rate": float(n_pos / len(y)),
-        **operating_points(y, order),
+        **operating_points(hits, n_pos),
     }
 
 
