@@ -69,17 +69,16 @@ def operating_points(hits: np.ndarray, n_pos: int) -> dict:
     """What a flag of the top N photos of a ranking would reach, at the best N for the issue's target: the
     highest recall with precision >= TARGET_PRECISION, and the precision where recall first reaches
     TARGET_RECALL. `hits[i]`: positives among the ranking's first i + 1 audited photos (ignored rows left out);
-    `n_pos` > 0."""
+    `n_pos` > 0. Every positive is in the ranking, so recall always reaches TARGET_RECALL somewhere."""
     precision, recall = hits / np.arange(1, len(hits) + 1), hits / n_pos
     ok = np.flatnonzero(precision >= TARGET_PRECISION)
     at_p = int(ok[np.argmax(recall[ok])]) if len(ok) else None
-    reach = np.flatnonzero(recall >= TARGET_RECALL)
-    at_r = int(reach[0]) if len(reach) else None
+    at_r = int(np.argmax(recall >= TARGET_RECALL))
     return {
         "recall_at_precision": float(recall[at_p]) if at_p is not None else 0.0,
         "top_n_at_precision": at_p + 1 if at_p is not None else 0,
-        "precision_at_recall": float(precision[at_r]) if at_r is not None else float("nan"),
-        "top_n_at_recall": at_r + 1 if at_r is not None else 0,
+        "precision_at_recall": float(precision[at_r]),
+        "top_n_at_recall": at_r + 1,
     }
 
 
